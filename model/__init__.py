@@ -1,0 +1,2 @@
+from model.config import (SITES, ApproxConfig, AttentionSpec, BlockApprox, BlockApproxOverride,
+                          GPTConfig, LinearSpec)

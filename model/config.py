@@ -1,0 +1,171 @@
+"""Typed, validated model configuration.
+
+`GPTConfig` keeps nanoGPT's field names so nanoGPT-style code and checkpoints carry over, and adds
+`approx`: which approximation each block uses. Validation lives here, next to the shapes it checks,
+so any caller (YAML loader, tests, the tune grid) gets the same one-line errors.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SITES = ("attn_qkv", "attn_proj", "mlp_fc", "mlp_proj")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo in an ablation axis must not run the
+    # wrong experiment.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LinearSpec(_Strict):
+    """How one linear site is parameterised.
+
+    dense: a plain nn.Linear.  lowrank: W = b @ a with inner dimension `rank`.
+    abba: W = (b1 @ a1) * (b2 @ a2), Hadamard product of two low-rank factors (rank <= r1*r2).
+    """
+
+    kind: Literal["dense", "lowrank", "abba"] = "dense"
+    rank: int | None = Field(default=None, ge=1)
+    r1: int | None = Field(default=None, ge=1)
+    r2: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_ranks(self) -> "LinearSpec":
+        if self.kind == "lowrank" and self.rank is None:
+            raise ValueError("kind 'lowrank' needs `rank` (an integer >= 1)")
+        if self.kind == "abba" and (self.r1 is None or self.r2 is None):
+            raise ValueError("kind 'abba' needs `r1` and `r2` (integers >= 1)")
+        return self
+
+    @property
+    def approximated(self) -> bool:
+        return self.kind != "dense"
+
+    def describe(self) -> str:
+        if self.kind == "lowrank":
+            return f"lowrank(r={self.rank})"
+        if self.kind == "abba":
+            return f"abba(r1={self.r1},r2={self.r2})"
+        return "dense"
+
+
+class AttentionSpec(_Strict):
+    """full: exact causal softmax attention.  linformer: keys/values compressed along the sequence
+    to `k` slots per compressed chunk in a causal way (see model/attention.py), plus an exact local
+    window of `window` positions; `chunk` is the length of the sequence blocks that are compressed."""
+
+    kind: Literal["full", "linformer"] = "full"
+    k: int = Field(default=64, ge=1)
+    window: int = Field(default=0, ge=0)
+    chunk: int = Field(default=64, ge=1)
+
+    @property
+    def approximated(self) -> bool:
+        return self.kind != "full"
+
+    def describe(self) -> str:
+        if self.kind == "linformer":
+            return f"linformer(k={self.k},window={self.window},chunk={self.chunk})"
+        return "full"
+
+
+class BlockApprox(_Strict):
+    """The complete approximation settings of one transformer block."""
+
+    attn_qkv: LinearSpec = LinearSpec()
+    attn_proj: LinearSpec = LinearSpec()
+    mlp_fc: LinearSpec = LinearSpec()
+    mlp_proj: LinearSpec = LinearSpec()
+    attention: AttentionSpec = AttentionSpec()
+
+    @property
+    def approximated(self) -> bool:
+        return self.attention.approximated or any(getattr(self, s).approximated for s in SITES)
+
+
+class BlockApproxOverride(_Strict):
+    """Per-layer override: only the fields given replace the experiment-wide defaults."""
+
+    attn_qkv: LinearSpec | None = None
+    attn_proj: LinearSpec | None = None
+    mlp_fc: LinearSpec | None = None
+    mlp_proj: LinearSpec | None = None
+    attention: AttentionSpec | None = None
+
+
+class ApproxConfig(BlockApprox):
+    """Experiment-wide block settings plus optional per-layer overrides (`layers: {2: {...}}`)."""
+
+    layers: dict[int, BlockApproxOverride] = {}
+
+    def for_block(self, index: int) -> BlockApprox:
+        base = {name: getattr(self, name) for name in (*SITES, "attention")}
+        override = self.layers.get(index)
+        if override is not None:
+            base.update({k: v for k, v in override if v is not None})
+        return BlockApprox(**base)
+
+
+class GPTConfig(_Strict):
+    block_size: int = Field(default=1024, ge=1)
+    vocab_size: int = Field(default=50304, ge=1)  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = Field(default=12, ge=1)
+    n_head: int = Field(default=12, ge=1)
+    n_embd: int = Field(default=768, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = True  # True: biases in Linears and LayerNorms, like GPT-2
+    approx: ApproxConfig = ApproxConfig()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "GPTConfig":
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}; valid: "
+                f"n_embd a multiple of n_head")
+        for index in sorted(self.approx.layers):
+            if not 0 <= index < self.n_layer:
+                raise ValueError(
+                    f"approx.layers.{index}: layer index out of range 0..{self.n_layer - 1}")
+        for index in range(self.n_layer):
+            prefix = "approx" if index not in self.approx.layers else f"approx.layers.{index}"
+            check_block_approx(self.for_block(index), self, prefix)
+        return self
+
+    def for_block(self, index: int) -> BlockApprox:
+        return self.approx.for_block(index)
+
+    def site_shape(self, site: str) -> tuple[int, int]:
+        """(in_features, out_features) of a linear site."""
+        d = self.n_embd
+        return {"attn_qkv": (d, 3 * d), "attn_proj": (d, d),
+                "mlp_fc": (d, 4 * d), "mlp_proj": (4 * d, d)}[site]
+
+
+def check_block_approx(block: BlockApprox, config: GPTConfig, prefix: str = "approx") -> None:
+    """Raise ValueError naming the key path when a block's settings do not fit the model shape."""
+    for site in SITES:
+        spec: LinearSpec = getattr(block, site)
+        fan_in, fan_out = config.site_shape(site)
+        limit = min(fan_in, fan_out)
+        if spec.kind == "lowrank" and spec.rank > limit:
+            raise ValueError(f"{prefix}.{site}.rank = {spec.rank} is larger than min(in, out) = "
+                             f"{limit} for a {fan_in}->{fan_out} layer; valid: 1..{limit}")
+        if spec.kind == "abba":
+            for name in ("r1", "r2"):
+                r = getattr(spec, name)
+                if r > limit:
+                    raise ValueError(f"{prefix}.{site}.{name} = {r} is larger than min(in, out) = "
+                                     f"{limit} for a {fan_in}->{fan_out} layer; valid: 1..{limit}")
+    att = block.attention
+    if att.kind == "linformer":
+        if att.k > config.block_size:
+            raise ValueError(f"{prefix}.attention.k = {att.k} is larger than block_size = "
+                             f"{config.block_size}; valid: 1..{config.block_size}")
+        if att.window > config.block_size:
+            raise ValueError(f"{prefix}.attention.window = {att.window} is larger than "
+                             f"block_size = {config.block_size}")
+        if att.chunk > config.block_size:
+            raise ValueError(f"{prefix}.attention.chunk = {att.chunk} is larger than "
+                             f"block_size = {config.block_size}")
