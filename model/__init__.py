@@ -1,2 +1,7 @@
+"""approxgpt's model: a nanoGPT-compatible GPT with approximated layers, growth, freezing, realize."""
 from model.config import (SITES, ApproxConfig, AttentionSpec, BlockApprox, BlockApproxOverride,
                           GPTConfig, LinearSpec)
+from model.gpt import GPT
+
+__all__ = ["GPT", "GPTConfig", "ApproxConfig", "BlockApprox", "BlockApproxOverride", "LinearSpec",
+           "AttentionSpec", "SITES"]

@@ -1,0 +1,160 @@
+"""Parameter and FLOP accounting for a GPT with approximated layers, frozen layers and growth.
+
+FLOPs are matmul FLOPs per token (2 per multiply-add), the convention of nanoGPT's estimate_mfu and
+PaLM's appendix; elementwise work (norms, GELU, softmax, biases) is left out.
+
+Forward, per token:
+- linear site: dense 2*in*out; lowrank 2*rank*(in + out); abba 2*r1*r2*(in + out). Forming ABBA's
+  Khatri-Rao factors costs r1*r2*(in + out) multiplies per forward pass, not per token, so it is
+  negligible per token and not counted.
+- lm_head: 2 * n_embd * vocab_size.
+- full attention: 2 * 2 * T * n_embd per layer (Q K^T and A V over all heads). We count all T keys,
+  not the causal half, like nanoGPT/PaLM; it is also what SDPA's math kernel computes on CPU.
+- linformer attention: 2 * 2 * (k + chunk + window) * n_embd for scores and values over the slots and
+  the exact keys each query's chunk holds (again all of them, masked or not, as computed), plus
+  2 * 2 * k * n_embd to compress keys and values into k slots. The cumulative sum over chunks is
+  O(k * n_embd / chunk) per token and not counted.
+
+Training, per token, follows what autograd actually executes, op by op in forward order:
+- a matmul with a weight costs F (forward) + F if its input needs a gradient (backward to the input)
+  + F if its weight is trainable (backward to the weight);
+- a matmul of two activations (attention scores and values) costs F + 2F when its inputs need a
+  gradient (backward to both operands), else F.
+An input needs a gradient when some trainable parameter lies before it. So a fully trainable model
+costs 3x forward (the usual 6N rule); a frozen block above a trainable one costs 2x for its linears
+(input gradient only) and 3x for its attention matmuls; the frozen prefix that forward runs under
+torch.no_grad costs 1x; and the first trainable linear after that prefix skips its input gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from model.attention import CausalLinformerAttention, FullCausalAttention
+from model.config import SITES
+from model.linear import ABBALinear, LowRankLinear
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    forward: int
+    training: int
+
+
+@dataclass(frozen=True)
+class FlopsBreakdown:
+    seq_len: int
+    blocks: tuple[FlopCount, ...]
+    lm_head: FlopCount
+
+    @property
+    def forward(self) -> int:
+        return sum(b.forward for b in self.blocks) + self.lm_head.forward
+
+    @property
+    def training(self) -> int:
+        return sum(b.training for b in self.blocks) + self.lm_head.training
+
+    def as_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "forward": self.forward, "training": self.training,
+                "blocks": [vars(b) for b in self.blocks], "lm_head": vars(self.lm_head)}
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters counted once each (tied wte/lm_head once, wpe included, like nanoGPT's
+    get_num_params(non_embedding=False))."""
+    params = list(model.parameters())  # parameters() already yields a tied tensor once
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def linear_forward_flops(layer: nn.Module) -> int:
+    if isinstance(layer, LowRankLinear):
+        return 2 * layer.rank * (layer.in_features + layer.out_features)
+    if isinstance(layer, ABBALinear):
+        return 2 * layer.r1 * layer.r2 * (layer.in_features + layer.out_features)
+    return 2 * layer.in_features * layer.out_features
+
+
+def attention_forward_flops(core: nn.Module, seq_len: int, n_embd: int) -> tuple[int, int]:
+    """(scores-and-values FLOPs, compression FLOPs) per token of one attention core."""
+    if isinstance(core, FullCausalAttention):
+        return 2 * 2 * seq_len * n_embd, 0
+    if isinstance(core, CausalLinformerAttention):
+        return 2 * 2 * (core.k + core.chunk + core.window) * n_embd, 2 * 2 * core.k * n_embd
+    raise TypeError(f"no FLOP count for attention core {type(core).__name__}")
+
+
+class _Tally:
+    """Accumulates forward and training FLOPs of one component, op by op."""
+
+    def __init__(self):
+        self.forward = self.training = 0
+
+    def weight_matmul(self, flops: int, input_needs_grad: bool, weight_trainable: bool) -> None:
+        self.forward += flops
+        self.training += flops * (1 + int(input_needs_grad) + int(weight_trainable))
+
+    def activation_matmul(self, flops: int, inputs_need_grad: bool) -> None:
+        self.forward += flops
+        self.training += flops * (1 + 2 * int(inputs_need_grad))
+
+    def count(self) -> FlopCount:
+        return FlopCount(self.forward, self.training)
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int | None = None) -> FlopsBreakdown:
+    config = model.config
+    seq_len = config.block_size if seq_len is None else seq_len
+    wte, wpe = model.transformer.wte, model.transformer.wpe
+    needs_grad = _trainable(wte) or _trainable(wpe)  # does the residual stream need a gradient here
+    blocks = []
+    for block in model.transformer.h:
+        tally = _Tally()
+        attn, mlp = block.attn, block.mlp
+        needs_grad = needs_grad or _trainable(block.ln_1)
+        tally.weight_matmul(linear_forward_flops(attn.c_attn), needs_grad, _trainable(attn.c_attn))
+        qkv_needs_grad = needs_grad or _trainable(attn.c_attn)
+        scores, compression = attention_forward_flops(attn.core, seq_len, config.n_embd)
+        if compression:
+            tally.weight_matmul(compression, qkv_needs_grad, _trainable(attn.core))
+        core_needs_grad = qkv_needs_grad or _trainable(attn.core)
+        tally.activation_matmul(scores, core_needs_grad)
+        tally.weight_matmul(linear_forward_flops(attn.c_proj), core_needs_grad, _trainable(attn.c_proj))
+        needs_grad = needs_grad or core_needs_grad or _trainable(attn.c_proj) or _trainable(block.ln_2)
+        tally.weight_matmul(linear_forward_flops(mlp.c_fc), needs_grad, _trainable(mlp.c_fc))
+        hidden_needs_grad = needs_grad or _trainable(mlp.c_fc)
+        tally.weight_matmul(linear_forward_flops(mlp.c_proj), hidden_needs_grad, _trainable(mlp.c_proj))
+        needs_grad = hidden_needs_grad or _trainable(mlp.c_proj)
+        blocks.append(tally.count())
+    head = _Tally()
+    needs_grad = needs_grad or _trainable(model.transformer.ln_f)
+    head.weight_matmul(2 * config.n_embd * config.vocab_size, needs_grad, _trainable(model.lm_head))
+    return FlopsBreakdown(seq_len, tuple(blocks), head.count())
+
+
+def summary(model: nn.Module, seq_len: int | None = None) -> str:
+    """Human-readable description: per block its approximations and frozen state, then totals."""
+    config = model.config
+    flops = training_flops_per_token(model, seq_len)
+    frozen = set(model.frozen_layers())
+    lines = [f"GPT: {model.n_blocks} blocks (target depth {config.n_layer}), n_embd={config.n_embd}, "
+             f"n_head={config.n_head}, vocab={config.vocab_size}, block_size={config.block_size}",
+             f"embeddings: {'frozen' if model.embeddings_frozen() else 'trainable'} (wte tied with lm_head)"]
+    for i in range(model.n_blocks):
+        approx = model.block_approx(i)
+        sites = " ".join(f"{site}={getattr(approx, site).describe()}" for site in SITES)
+        block_flops = flops.blocks[i]
+        lines.append(f"block {i}: {sites} attention={approx.attention.describe()}"
+                     f"{' [frozen]' if i in frozen else ''} | FLOPs/token fwd={block_flops.forward:,} "
+                     f"train={block_flops.training:,}")
+    counts = param_counts(model)
+    lines.append(f"params: total={counts['total']:,} trainable={counts['trainable']:,}")
+    lines.append(f"FLOPs/token at T={flops.seq_len}: forward={flops.forward:,} "
+                 f"training={flops.training:,}")
+    return "\n".join(lines)
