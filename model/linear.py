@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from model.config import LinearSpec
 
@@ -99,9 +100,10 @@ class ABBALinear(nn.Module):
         W_oi = sum_{p,q} b1[o,p] b2[o,q] a1[p,i] a2[q,i] = (B_kr @ A_kr)_oi
     with A_kr[(p,q), :] = a1[p, :] * a2[q, :]   (r1*r2 x in, row-wise Khatri-Rao product)
     and  B_kr[:, (p,q)] = b1[:, p] * b2[:, q]   (out x r1*r2, column-wise Khatri-Rao product).
-    So W x = B_kr (A_kr x): two thin matmuls, and autograd's backward of these only builds tensors of
-    the factors' sizes (r1*r2 x in, out x r1*r2), never out x in. Forming A_kr and B_kr costs
-    r1*r2*(in + out) multiplies once per forward, independent of the number of tokens.
+    So W x = B_kr (A_kr x): two thin matmuls, whose forward and backward only build tensors of the
+    factors' sizes (r1*r2 x in, out x r1*r2), never out x in. Forming A_kr and B_kr costs
+    r1*r2*(in + out) multiplies, independent of the number of tokens; `_KhatriRaoLinear` pays it
+    again in backward so that the factors need not stay alive between the two passes.
     """
 
     def __init__(self, in_features: int, out_features: int, r1: int, r2: int, bias: bool = True,
@@ -133,13 +135,16 @@ class ABBALinear(nn.Module):
 
     def khatri_rao_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_kr, B_kr) with B_kr @ A_kr == (b1 @ a1) * (b2 @ a2); index (p, q) -> p * r2 + q."""
-        a_kr = (self.a1.unsqueeze(1) * self.a2.unsqueeze(0)).reshape(self.r1 * self.r2, -1)
-        b_kr = (self.b1.unsqueeze(2) * self.b2.unsqueeze(1)).reshape(-1, self.r1 * self.r2)
-        return a_kr, b_kr
+        return _row_khatri_rao(self.a1, self.a2), _column_khatri_rao(self.b1, self.b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_kr, b_kr = self.khatri_rao_factors()
-        return F.linear(F.linear(x, a_kr), b_kr, self.bias)
+        # Under autocast, compute in its dtype exactly where plain F.linear calls would (autocast
+        # leaves float64 alone); otherwise use the tensors' own dtypes, which must then agree.
+        device_type = x.device.type
+        compute_dtype = None
+        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        return _KhatriRaoLinear.apply(x, self.a1, self.a2, self.b1, self.b2, self.bias, compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -164,6 +169,85 @@ class ABBALinear(nn.Module):
 
 
 FACTORISED = (LowRankLinear, ABBALinear)
+
+
+def _row_khatri_rao(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """A_kr (r1*r2 x in) with A_kr[p * r2 + q, :] = a1[p, :] * a2[q, :]."""
+    return (a1.unsqueeze(1) * a2.unsqueeze(0)).reshape(a1.shape[0] * a2.shape[0], -1)
+
+
+def _column_khatri_rao(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """B_kr (out x r1*r2) with B_kr[:, p * r2 + q] = b1[:, p] * b2[:, q]."""
+    return (b1.unsqueeze(2) * b2.unsqueeze(1)).reshape(b1.shape[0], -1)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+class _KhatriRaoLinear(torch.autograd.Function):
+    """y = (x A_kr^T) B_kr^T + bias, saving for backward only x, h = x A_kr^T and the four factors.
+
+    Plain autograd through the Khatri-Rao form keeps A_kr and B_kr alive from forward to backward and
+    then builds their gradients beside them: four r1*r2 x d tensors at once, one d x d matrix at
+    r1*r2 = d/4, which is the memory the factorisation is meant to save. Here each Khatri-Rao factor
+    (and its gradient) exists only while it is used and is rebuilt in backward, costing
+    r1*r2*(in + out) multiplies -- small next to the token-sized matmuls.
+
+    Gradients, with G = dL/dy and H = dL/dh = G B_kr (both flattened to tokens x features):
+        dL/dB_kr = G^T h,   dL/db1[o,p] = sum_q dL/dB_kr[o,(p,q)] b2[o,q],  likewise b2 summing p
+        dL/dA_kr = H^T x,   dL/da1[p,i] = sum_q dL/dA_kr[(p,q),i] a2[q,i],  likewise a2 summing p
+        dL/dx = H A_kr,     dL/dbias = sum over tokens of G
+    `compute_dtype` is autocast's dtype (or None): the matmuls run in it, the Khatri-Rao products and
+    the factor-gradient contractions in the factors' own dtype, as autocast does for the plain form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a1, a2, b1, b2, bias, compute_dtype):
+        ctx.device_type, ctx.compute_dtype = x.device.type, compute_dtype
+        # Autocast is switched off and the casts made by hand, so that backward (which may or may not
+        # run under autocast, depending on where .backward() is called) can repeat exactly them.
+        with torch.autocast(ctx.device_type, enabled=False):
+            x = _cast(x, compute_dtype)
+            h = F.linear(x, _cast(_row_khatri_rao(a1, a2), compute_dtype))
+            y = F.linear(h, _cast(_column_khatri_rao(b1, b2), compute_dtype), _cast(bias, compute_dtype))
+        need_a1, need_a2, need_b1, need_b2 = ctx.needs_input_grad[1:5]
+        # x only feeds the a-gradients and h only the b-gradients; drop whichever is not needed.
+        ctx.save_for_backward(x if need_a1 or need_a2 else None, h if need_b1 or need_b2 else None,
+                              a1, a2, b1, b2)
+        return y
+
+    @staticmethod
+    @once_differentiable  # h is saved without its graph, so a second derivative would be wrong
+    def backward(ctx, grad_y):
+        x, h, a1, a2, b1, b2 = ctx.saved_tensors
+        need_x, need_a1, need_a2, need_b1, need_b2, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad_a1 = grad_a2 = grad_b1 = grad_b2 = grad_bias = None
+        out_features, in_features, r1, r2 = b1.shape[0], a1.shape[1], a1.shape[0], a2.shape[0]
+        with torch.autocast(ctx.device_type, enabled=False):
+            grad_y2 = grad_y.reshape(-1, out_features)
+            if need_bias:
+                grad_bias = grad_y2.sum(0)
+            if need_b1 or need_b2:
+                grad_b_kr = (grad_y2.T @ h.reshape(-1, r1 * r2)).to(b1.dtype).view(out_features, r1, r2)
+                if need_b1:
+                    grad_b1 = (grad_b_kr * b2.unsqueeze(1)).sum(2)
+                if need_b2:
+                    grad_b2 = (grad_b_kr * b1.unsqueeze(2)).sum(1)
+                del grad_b_kr
+            if need_x or need_a1 or need_a2:
+                grad_h2 = grad_y2 @ _cast(_column_khatri_rao(b1, b2), ctx.compute_dtype)
+                if need_x:
+                    grad_x = grad_h2 @ _cast(_row_khatri_rao(a1, a2), ctx.compute_dtype)
+                    grad_x = grad_x.view(*grad_y.shape[:-1], in_features)
+                if need_a1 or need_a2:
+                    grad_a_kr = (grad_h2.T @ x.reshape(-1, in_features)).to(a1.dtype).view(r1, r2, -1)
+                    if need_a1:
+                        grad_a1 = (grad_a_kr * a2.unsqueeze(0)).sum(1)
+                    if need_a2:
+                        grad_a2 = (grad_a_kr * a1.unsqueeze(1)).sum(0)
+        # Gradients left in compute_dtype (x's, the bias's) are cast to their input's dtype by autograd.
+        return grad_x, grad_a1, grad_a2, grad_b1, grad_b2, grad_bias, None
 
 
 def _product_fp32(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
