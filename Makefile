@@ -17,8 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The tiny config (every approximation, layer-wise growth, freezing, full-rank finish) as 2 DeepSpeed
+# processes through the deepspeed launcher (on a CPU-only machine: 2 CPU ranks over gloo).
+DEMO_CONFIG := configs/experiments/tiny.yaml
+# A new run directory each time: an earlier demo's checkpoints and final model are never touched.
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(PY) -m distributed.summary --config configs/experiments/tiny.yaml
+	$(PY) -m distributed.summary --config $(DEMO_CONFIG)
+	$(VENV)/bin/deepspeed --log_level warning --num_gpus 2 \
+		--master_port $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+		--module distributed.train --config $(DEMO_CONFIG) --run-dir $(DEMO_DIR)
+	@echo "metrics:     $(DEMO_DIR)/metrics.jsonl (and $(DEMO_DIR)/config.yaml)"
+	@echo "checkpoints: $(DEMO_DIR)/checkpoints (latest: $$(cat $(DEMO_DIR)/checkpoints/latest))"
+	@echo "final model: $(DEMO_DIR)/final (nanoGPT safetensors; Hugging Face GPT-2 copy in final/hf)"
+	@echo "sample:      $(PY) -m distributed.sample $(DEMO_DIR) --prompt 'def '"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

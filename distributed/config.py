@@ -55,6 +55,7 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(default=100, ge=1)
     log_interval: int = Field(default=10, ge=1)
     checkpoint_interval: int = Field(default=0, ge=0)  # 0: only at stage ends
+    keep_checkpoints: int = Field(default=2, ge=2)  # newest complete checkpoints kept on disk
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainConfig":
@@ -69,6 +70,9 @@ class DeepSpeedConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     offload_optimizer: bool = False
+    # ZeRO-3 keeps parameters smaller than this unpartitioned (DeepSpeed's default: 1e5 elements);
+    # None keeps DeepSpeed's default, 0 partitions everything (tiny test models).
+    param_persistence_threshold: int | None = Field(default=None, ge=0)
 
 
 class WandbConfig(_Strict):
@@ -77,6 +81,14 @@ class WandbConfig(_Strict):
     entity: str | None = None
     # offline unless an API key is configured (WANDB_API_KEY or `wandb login`): see distributed/
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class DebugConfig(_Strict):
+    """Fault injection for tests of recovery (kills, preemption, divergence); off by default."""
+
+    kill_at_step: int | None = Field(default=None, ge=1)  # SIGKILL self after this step (+ its checkpoint)
+    kill_rank: int = Field(default=0, ge=0)               # which rank kills itself
+    nan_at_step: int | None = Field(default=None, ge=1)   # make this step's loss NaN on every rank
 
 
 class ExperimentConfig(_Strict):
@@ -89,6 +101,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     wandb: WandbConfig = WandbConfig()
+    debug: DebugConfig = DebugConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +153,11 @@ class ExperimentConfig(_Strict):
             if len(s.stage_weights) != n_growth or any(w <= 0 for w in s.stage_weights):
                 raise ValueError(f"schedule.stage_weights = {s.stage_weights}: needs {n_growth} "
                                  "positive numbers, one per growth stage")
+        n_stages = (self.model.n_layer - s.initial_layers + 1 if s.layerwise else 1) \
+            + int(s.full_rank_finish)
+        if self.train.max_steps < n_stages:
+            raise ValueError(f"train.max_steps = {self.train.max_steps} is smaller than the {n_stages} "
+                             "stages of the schedule; every stage needs at least one step")
         n_vocab = KNOWN_VOCAB_SIZES.get(self.data.tokenizer)
         if n_vocab is not None and self.model.vocab_size < n_vocab:
             raise ValueError(f"model.vocab_size = {self.model.vocab_size} is smaller than the "

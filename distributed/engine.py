@@ -1,0 +1,224 @@
+"""The DeepSpeed side of a stage: process group, engine build/teardown, full weights, state accounting.
+
+An engine is built over the TRAINABLE parameters only, once per stage:
+
+    engine = build_engine(model, cfg)          # AdamW over model.decay_groups(), ZeRO from the config
+    ... train the stage ...
+    state = full_state_dict(engine)            # every rank gets the full weights (ZeRO-3: gathered)
+    destroy_engine(engine)                     # frees optimizer state and partitions before the next
+
+so a frozen parameter has no optimizer state and no gradient partition on any rank. The model is
+always built outside `deepspeed.zero.Init`: `deepspeed.initialize` partitions a plain module itself
+(ZeRO-3), and between stages the training loop mutates a fresh plain module built from
+`full_state_dict`, never a partitioned one.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from distributed.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Join (or create) the process group and return this process' place in it.
+
+    Works for every launcher: the deepspeed launcher and torchrun set RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_*; Ray Train has already initialised torch.distributed (reused as is); a plain
+    `python -m distributed.train` is a group of one on a free local port."""
+    import deepspeed
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    # DeepSpeed reads these even when the caller created the group (Ray Train sets them; a
+    # hand-made group may not).
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Processes of one node share its cores; oversubscribed threads make every step slower.
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def quiet_deepspeed_logging(rank: int) -> None:
+    """DeepSpeed logs every engine build at INFO; keep warnings on rank 0, errors elsewhere."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+def deepspeed_config(cfg: ExperimentConfig) -> dict:
+    t, ds = cfg.train, cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.zero_stage == 3 and ds.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # torch's AdamW is passed in (no compiled ops needed); ZeRO wraps it like its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # progress and metrics are ours (distributed/metrics.py)
+        "wall_clock_breakdown": False,
+    }
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's AdamW groups over the trainable parameters: decay on matrices, none on biases/norms."""
+    decay, no_decay = model.decay_groups()
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device):
+    """deepspeed.initialize over the model's trainable parameters with torch's AdamW."""
+    import deepspeed
+
+    model.to(device)
+    t = cfg.train
+    groups = optimizer_param_groups(model, t.weight_decay)
+    # fused/foreach kernels differ between devices; the default per-tensor loop is deterministic.
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2),
+                                  foreach=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+                                      model_parameters=[p for g in groups for p in g["params"]])
+    return engine
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def destroy_engine(engine) -> None:
+    """Release the engine's optimizer state, partitions and hooks before the next stage's engine."""
+    engine.destroy()
+    engine.optimizer = None
+    engine.module = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _zero3(engine) -> bool:
+    return engine.zero_optimization_partition_weights()
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The module's full state dict on CPU, on every rank. Collective under ZeRO-3 (all ranks call).
+
+    With bf16/fp16 the trainable parameters come from the optimizer's fp32 master copies, so a stage
+    boundary (or the final export) does not round the weights to 16 bits; frozen ones have no
+    master copy and keep their module values."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    params = list(module.parameters())
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if _zero3(engine) \
+        else contextlib.nullcontext()
+    with gathered:
+        values = module.state_dict(keep_vars=True)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in values.items()}
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        masters = {}
+        for p in params:  # the same order on every rank: under ZeRO-3 each call is collective
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)
+                if master is not None:
+                    masters[id(p)] = master.detach().to("cpu", copy=True)
+        state.update({k: masters[id(v)] for k, v in values.items() if id(v) in masters})
+    return state
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state held by THIS rank: Adam's moments plus any fp32 master copies the
+    ZeRO optimizer keeps (its flat partitions), not counting the module's own parameters."""
+    wrapper = engine.optimizer
+    inner = getattr(wrapper, "optimizer", wrapper)
+    module_params = {id(p) for p in engine.module.parameters()}
+    total = 0
+    # The state's keys are the tensors the optimizer updates: ZeRO's flat fp32 partitions (counted:
+    # they are extra memory) or, without ZeRO, the module's parameters themselves (not counted).
+    for param, state in inner.state.items():
+        if id(param) not in module_params:
+            total += param.numel() * param.element_size()
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def block_digests(engine) -> dict[str, str]:
+    """sha256 of each block's (and the embeddings') full parameters on this rank, keyed 'emb', '0',
+    '1', ... Collective under ZeRO-3."""
+    module = engine.module
+    parts = {"emb": [module.transformer.wte, module.transformer.wpe]}
+    parts.update({str(i): [block] for i, block in enumerate(module.transformer.h)})
+    params = list(module.parameters())
+    if _zero3(engine):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return _digests(parts)
+    return _digests(parts)
+
+
+def _digests(parts: dict[str, list[nn.Module]]) -> dict[str, str]:
+    out = {}
+    for key, modules in parts.items():
+        h = hashlib.sha256()
+        for m in modules:
+            for name, p in m.named_parameters():
+                h.update(name.encode())
+                h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        out[key] = h.hexdigest()[:16]
+    return out
+
+
+def same_on_every_rank(value) -> bool:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return all(g == gathered[0] for g in gathered)
