@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick venv clean
+.PHONY: demo demo-train test test-quick venv clean
 
 venv: $(STAMP)
 
@@ -17,12 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The tiny config (every approximation, layer-wise growth, freezing, full-rank finish) as 2 DeepSpeed
+# The main job: the tiny 16-variant ablation (+ the dense baseline) on a local Ray instance, then the
+# report (ranked table, effects, Pareto plots) in runs/ablation-tiny. Re-running resumes it.
+demo: $(STAMP)
+	$(PY) -m tune.ablation --config configs/ablation/tiny.yaml
+
+# One training job: the tiny config (every approximation, layer-wise growth, freezing, full-rank finish) as 2 DeepSpeed
 # processes through the deepspeed launcher (on a CPU-only machine: 2 CPU ranks over gloo).
 DEMO_CONFIG := configs/experiments/tiny.yaml
 # A new run directory each time: an earlier demo's checkpoints and final model are never touched.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
-demo: $(STAMP)
+demo-train: $(STAMP)
 	$(PY) -m distributed.summary --config $(DEMO_CONFIG)
 	$(VENV)/bin/deepspeed --log_level warning --num_gpus 2 \
 		--master_port $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \

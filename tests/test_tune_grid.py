@@ -1,0 +1,124 @@
+"""The ablation grid: expansion, fixed axes, constraints, the dense baseline, names, validation."""
+import itertools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed.config import ConfigError
+from tune.grid import (BASELINE_NAME, TrialSpec, expand, experiment_config, experiment_record,
+                       load_ablation, validate_grid)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/ablation/tiny.yaml"
+CPU_SMALL = ROOT / "configs/ablation/cpu-small.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    # Ablation configs name their base experiment relative to the repository root.
+    monkeypatch.chdir(ROOT)
+
+
+def test_tiny_grid_is_16_variants_plus_the_dense_baseline():
+    grid = expand(load_ablation(TINY))
+    assert len(grid.variants) == 17
+    baseline = grid.variants[0]
+    assert baseline.name == BASELINE_NAME and baseline.baseline
+    assert not any(baseline.axes.values())
+    grid_variants = grid.variants[1:]
+    free = grid.config.free_axes
+    assert set(free) == {"abba_attn", "lowrank_v", "lowrank_mlp", "freeze"}
+    # every on/off combination of the four free axes exactly once, fixed axes held on
+    combos = {tuple(v.axes[a] for a in free) for v in grid_variants}
+    assert combos == set(itertools.product((False, True), repeat=4))
+    assert all(v.axes["layerwise"] and v.axes["finish"] for v in grid_variants)
+    validate_grid(grid)
+
+
+def test_unfixing_the_finish_axis_gives_32_variants():
+    grid = expand(load_ablation(TINY, ["axes.finish.fixed=null"]))
+    assert len(grid.variants) == 33  # 32 + baseline
+    assert len({v.name for v in grid.variants}) == 33
+
+
+def test_variant_names_say_which_approximations_are_on():
+    grid = expand(load_ablation(TINY))
+    labels = {name: spec.label for name, spec in grid.config.axes.items()}
+    for v in grid.variants[1:]:
+        tokens = set(v.name.split("+"))
+        assert tokens == {labels[a] for a, on in v.axes.items() if on}
+    assert len({v.name for v in grid.variants}) == len(grid.variants)
+
+
+def test_overrides_reach_each_trial_config():
+    grid = expand(load_ablation(TINY))
+    by_name = {v.name: v for v in grid.variants}
+    full = experiment_config(grid.config, TrialSpec(by_name["grow+abba+linformer+lrmlp+freeze+finish"], 7), "/tmp/r")
+    assert full.approx.attn_qkv.kind == "abba" and full.approx.attention.kind == "linformer"
+    assert full.approx.mlp_fc.kind == "lowrank" and full.schedule.freeze_previous
+    assert full.schedule.layerwise and full.schedule.full_rank_finish
+    assert full.seed == 7 and full.out_dir == "/tmp/r"
+    dense = experiment_config(grid.config, TrialSpec(by_name[BASELINE_NAME], 7), "/tmp/r")
+    assert not dense.model.approx.approximated and dense.approx.attention.kind == "full"
+    assert not dense.schedule.layerwise and not dense.schedule.freeze_previous
+    assert not dense.schedule.full_rank_finish
+    # the shared overrides (equal token budget) apply to every variant
+    assert dense.train.max_steps == full.train.max_steps
+
+
+def test_requires_drops_freezing_without_growth(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["axes"]["layerwise"].pop("fixed")  # growth becomes a free axis
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    grid = expand(load_ablation(path))
+    assert grid.dropped and all("freeze" in name and "grow" not in name for name in grid.dropped)
+    assert not any(v.axes["freeze"] and not v.axes["layerwise"] for v in grid.variants)
+    # 32 combinations of 5 free axes, minus the 8 with freeze on and growth off, plus the baseline
+    assert len(grid.variants) == 32 - 8 + 1
+    validate_grid(grid)
+
+
+def test_seeds_repeat_every_variant_with_stable_trial_names():
+    grid = expand(load_ablation(TINY, ["seeds=[1, 2, 3]"]))
+    trials = grid.trials()
+    assert len(trials) == 3 * 17
+    assert len({t.trial_name for t in trials}) == len(trials)
+    record = experiment_record(grid)
+    assert [t["trial_name"] for t in record["trials"]] == [t.trial_name for t in trials]
+    assert [t.trial_name for t in expand(load_ablation(TINY, ["seeds=[1, 2, 3]"])).trials()] == \
+        [t.trial_name for t in trials]
+
+
+def test_bad_axis_override_fails_before_ray_with_the_variant_name():
+    grid = expand(load_ablation(TINY, ["axes.lowrank_mlp.when_on=[approx.mlp_fc.rank=100000]"]))
+    with pytest.raises(ConfigError, match=r"variant grow\+lrmlp\+finish.*rank"):
+        validate_grid(grid)
+
+
+def test_config_mistakes_are_named():
+    with pytest.raises(ConfigError, match="requires"):
+        load_ablation(TINY, ["requires={freeze: [nonexistent]}"])
+    with pytest.raises(ConfigError, match="seeds"):
+        load_ablation(TINY, ["seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match="labels"):
+        load_ablation(TINY, ["axes.freeze.label=abba"])
+
+
+@pytest.mark.parametrize("path", [TINY, CPU_SMALL])
+def test_shipped_ablation_configs_validate(path):
+    validate_grid(expand(load_ablation(path)))
+
+
+def test_wandb_is_offline_without_a_key(monkeypatch, tmp_path):
+    from tune.trainable import wandb_callbacks
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    config = load_ablation(TINY, ["wandb.enabled=true"])
+    (callback,) = wandb_callbacks(config.wandb, config.name, tmp_path)
+    assert callback.kwargs["mode"] == "offline" and callback.project == "approxgpt-ablation"
+    assert (tmp_path / "wandb").is_dir()
+    assert wandb_callbacks(load_ablation(TINY).wandb, "x", tmp_path) == []

@@ -1,0 +1,175 @@
+"""The experiment directory and the results table built from it.
+
+    EXPERIMENT_DIR/
+      experiment.json          the ablation config, the variants, the validation-token statistics
+      trials/<variant>_s<seed>/
+        trial.json             written by the Tune trial: variant, seed, axes, status, attempts, times
+        metrics.jsonl, ...     written by the trainer (distributed.train): one JSON record per log line
+      tune/                    Ray Tune's own state (what `Tuner.restore` reads)
+      results.csv              one row per trial (this module)
+      report.md, *.png         tune/report.py
+
+Everything here reads files only, so `python -m tune.report EXPERIMENT_DIR` can rebuild the table
+and the report on any machine that has the directory.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+TRIALS = "trials"
+EXPERIMENT_JSON = "experiment.json"
+TRIAL_JSON = "trial.json"
+METRICS = "metrics.jsonl"
+RESULTS_CSV = "results.csv"
+
+# Statuses a trial.json can hold.
+RUNNING, OK, ERROR = "running", "ok", "error"
+
+NUMERIC = ("final_val_loss", "val_loss_before_finish", "training_flops", "tokens", "wall_time_s",
+           "tokens_per_s", "total_params", "peak_trainable_params", "peak_memory_bytes")
+COLUMNS = ("variant", "seed", "status", "baseline", "axes", *NUMERIC, "attempts", "run_dir", "error")
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def trial_dir(experiment_dir: str | Path, trial_name: str) -> Path:
+    return Path(experiment_dir).resolve() / TRIALS / trial_name
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The trainer's metrics records (see distributed/metrics.py), sorted by (step, time).
+
+    A resumed run re-logs the steps between its checkpoint and the crash; as in the trainer's own
+    reader, the latest record of each (event, step, when) wins. A torn last line (a writer killed
+    mid-line) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    latest: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        latest[(record.get("event"), record.get("step"), record.get("when"))] = record
+    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("time", 0.0)))
+
+
+def evaluations(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("event") == "eval" and r.get("val_loss") is not None]
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    for record in reversed(records):
+        if record.get(key) is not None:
+            return float(record[key])
+    return None
+
+
+def _max(records: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in records if r.get(key) is not None]
+    return max(values) if values else None
+
+
+def summarize_metrics(records: list[dict]) -> dict:
+    """One trial's headline numbers from its metrics records."""
+    evals = evaluations(records)
+    # The full-rank finish logs an eval with when="realized" right after realizing the model; the
+    # eval just before it is the approximated model's last word. Without a finish: the final one.
+    realized = next((i for i, r in enumerate(evals) if r.get("when") == "realized"), None)
+    before = evals[realized - 1] if realized else (evals[-1] if evals and realized is None else None)
+    train = [r for r in records if r.get("event") == "train"]
+    speeds = [float(r["tokens_per_s"]) for r in train if r.get("tokens_per_s")]
+    # Parameter counts describe the approximated model: after the finish every variant is the same
+    # dense model, so counts from then on would say nothing about the variant.
+    cutoff = evals[realized]["time"] if realized is not None else math.inf
+    approximated = [r for r in train if r.get("time", 0.0) < cutoff] or train
+    return {
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_loss_before_finish": before["val_loss"] if before else None,
+        "training_flops": _max(records, "flops"),
+        "tokens": _max(records, "tokens"),
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "total_params": _last(approximated, "params_total"),
+        "peak_trainable_params": _max(approximated, "params_trainable"),
+        "peak_memory_bytes": _max(records, "peak_memory_bytes"),
+    }
+
+
+def collect(experiment_dir: str | Path) -> list[dict]:
+    """One row per trial directory, in the order of experiment.json's trial list."""
+    experiment_dir = Path(experiment_dir)
+    spec = read_json(experiment_dir / EXPERIMENT_JSON)
+    rows = []
+    for trial in spec["trials"]:
+        run_dir = experiment_dir / TRIALS / trial["trial_name"]
+        info = read_json(run_dir / TRIAL_JSON) if (run_dir / TRIAL_JSON).is_file() else {}
+        row = {
+            "variant": trial["variant"], "seed": trial["seed"], "baseline": trial["baseline"],
+            "axes": trial["axes"],
+            "status": info.get("status", "not started"),
+            "wall_time_s": info.get("wall_time_s"),
+            "attempts": info.get("attempts", 0),
+            "run_dir": str(Path(TRIALS) / trial["trial_name"]),
+            "error": info.get("error") or "",
+        }
+        row.update(summarize_metrics(read_metrics(run_dir)))
+        if row["status"] == OK and row["final_val_loss"] is None:
+            row["status"], row["error"] = ERROR, "finished without any validation loss logged"
+        rows.append(row)
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def write_csv(rows: list[dict], path: str | Path, axes: list[str]) -> None:
+    """results.csv: the axes become one 0/1 column each (`axis.<name>`)."""
+    header = [c for c in COLUMNS if c != "axes"]
+    header[header.index("baseline") + 1:header.index("baseline") + 1] = [f"axis.{a}" for a in axes]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            flat = {**row, **{f"axis.{a}": row["axes"][a] for a in axes}}
+            writer.writerow([_cell(flat.get(c)) for c in header])
+    os.replace(tmp, path)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows as `collect` returns them (numbers parsed, axes folded back into a dict)."""
+    rows = []
+    with Path(path).open(newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {"variant": raw["variant"], "seed": int(raw["seed"]), "status": raw["status"],
+                   "baseline": raw["baseline"] == "1", "run_dir": raw["run_dir"],
+                   "error": raw["error"], "attempts": int(raw["attempts"] or 0),
+                   "axes": {k.removeprefix("axis."): v == "1" for k, v in raw.items()
+                            if k.startswith("axis.")}}
+            row.update({k: float(raw[k]) if raw[k] != "" else None for k in NUMERIC})
+            rows.append(row)
+    return rows
