@@ -1,0 +1,315 @@
+"""Submit the ablation or the rank search to a running Ray cluster, follow it, fetch its results back.
+
+    python -m cluster.submit ablation    --address http://HEAD:8265 --config configs/ablation/gpt2-124m.yaml
+    python -m cluster.submit rank-search --address http://HEAD:8265 --config configs/rank_search/gpt2-124m.yaml \\
+        [--from-ablation /mnt/shared/runs/ablation-gpt2-124m]
+    python -m cluster.submit fetch --config configs/ablation/gpt2-124m.yaml --cluster-config cluster/ray-aws.yaml
+    python -m cluster.submit fetch --config configs/ablation/gpt2-124m.yaml --head ubuntu@HEAD
+
+(`cluster/submit_ablation.sh ADDRESS CONFIG` and `cluster/submit_rank_search.sh ADDRESS CONFIG` are
+the same as the first two.) A submission is `ray job submit` with:
+
+- the repository as the job's working directory (uploaded, minus .venv/, runs/ and other local
+  state), so the cluster runs exactly the code you have checked out;
+- the experiment directory on the cluster's shared file system (`--shared-dir`, /mnt/shared in the
+  cluster/ray-*.yaml files): every trial's run directory, checkpoints and the report land there,
+  because Ray Train workers on different nodes must all reach them, and so that re-running the same
+  command finds the interrupted experiment and resumes it;
+- the token cache and the Hugging Face cache on the same shared file system (built once, by the
+  driver, before the trials start), and the NCCL settings of cluster/nccl.env, as runtime-env
+  variables that every trial's workers inherit.
+
+Everything is checked here, before anything is sent: the address, the config file (loaded and
+validated with the same code the job runs), the token settings. Then the job is submitted without
+waiting, the commands to follow, stop and fetch it are printed, and its logs are followed
+(Ctrl-C stops following; the job keeps running on the cluster).
+
+Token authentication (Ray >= 2.52; a shared cluster should use it): the cluster is started with
+RAY_AUTH_MODE=token and a token on every node. The client sends the token only when RAY_AUTH_MODE=token
+is set in its own environment; it reads it from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH,
+else ~/.ray/auth_token. `--token-file FILE` sets both for the ray CLI this command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NCCL_ENV = REPO / "cluster" / "nccl.env"
+DEFAULT_SHARED_DIR = "/mnt/shared"
+
+# Local state that must not be uploaded with the working directory (Ray caps it at a few hundred
+# MiB, and a stale run directory would shadow the experiment directory on the cluster).
+WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info",
+                        "wandb"]
+
+ENTRYPOINT_MODULES = {"ablation": "tune.ablation", "rank-search": "tune.rank_search"}
+GCS_PORT = "6379"
+
+
+class SubmitError(ValueError):
+    """A problem with what the user asked for, found before anything is sent to the cluster."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    name: str                 # the experiment's name (from the config)
+    submission_id: str
+    address: str
+    out_dir: str              # the experiment directory on the cluster
+    runtime_env: dict
+    entrypoint: list[str]
+
+    def command(self, ray_cli: str) -> list[str]:
+        return [ray_cli, "job", "submit", "--address", self.address,
+                "--submission-id", self.submission_id,
+                "--runtime-env-json", json.dumps(self.runtime_env, sort_keys=True),
+                "--no-wait", "--", *self.entrypoint]
+
+
+def resolve_address(address: str | None) -> str:
+    """The dashboard (job server) address: --address, else Ray's own RAY_API_SERVER_ADDRESS / RAY_ADDRESS."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard, "
+                          "which serves the job API) or set RAY_ADDRESS")
+    if address.rstrip("/").endswith(":" + GCS_PORT):
+        raise SubmitError(f"--address {address} is the GCS port; jobs are submitted to the dashboard, "
+                          "usually http://HEAD:8265")
+    return address
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of cluster/nccl.env; comments and blank lines skipped."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_experiment_name(kind: str, config: str, overrides: list[str]) -> str:
+    """Validate the config with the code the job will run; return its name."""
+    path = Path(config)
+    if not path.is_file():
+        raise SubmitError(f"config {config!r} does not exist (see configs/ablation/ and "
+                          "configs/rank_search/)")
+    from distributed.config import ConfigError
+
+    try:
+        if kind == "ablation":
+            from tune.grid import expand, load_ablation, validate_grid
+
+            ablation = load_ablation(path, overrides)
+            validate_grid(expand(ablation))
+            return ablation.name
+        from tune.rank_search import check_space, load_rank_search
+
+        search = load_rank_search(path, overrides)
+        check_space(search)
+        return search.name
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+
+
+def runtime_env(shared_dir: str, extra_env: dict[str, str]) -> dict:
+    env = {"APPROXGPT_CACHE": f"{shared_dir}/cache", "HF_HOME": f"{shared_dir}/huggingface",
+           "PYTHONUNBUFFERED": "1"}
+    # NCCL settings: cluster/nccl.env, with this shell's own NCCL_* values winning (as in the
+    # deepspeed wrapper), then explicit --env values.
+    for key, value in read_env_file(NCCL_ENV).items():
+        env[key] = os.environ.get(key, value)
+    env.update(extra_env)
+    return {"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env}
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:  # --env KEY: forward this shell's value (e.g. WANDB_API_KEY)
+            if key not in os.environ:
+                raise SubmitError(f"--env {key}: not set in this shell; use --env {key}=VALUE")
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+def token_environment(token_file: str | None) -> dict[str, str]:
+    """Environment for the ray CLI so that it sends the cluster's auth token."""
+    env = dict(os.environ)
+    if token_file:
+        if not Path(token_file).expanduser().is_file():
+            raise SubmitError(f"--token-file {token_file!r} does not exist (on the head node: "
+                              "`ray get-auth-token` prints the cluster's token)")
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path(token_file).expanduser().resolve())
+        env["RAY_AUTH_MODE"] = "token"
+    elif "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+        # A token without the mode is silently not sent: the client only attaches it in token mode.
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def build_submission(args: argparse.Namespace) -> Submission:
+    address = resolve_address(args.address)
+    if not args.config:
+        raise SubmitError("--config is required (e.g. configs/ablation/gpt2-124m.yaml)")
+    name = load_experiment_name(args.kind, args.config, args.overrides)
+    out_dir = args.out_dir or f"{args.shared_dir}/runs/{name}"
+    if not out_dir.startswith("/"):
+        raise SubmitError(f"--out-dir {out_dir!r} must be an absolute path on the cluster's shared "
+                          "file system (a relative one would land in the job's temporary working dir)")
+    config = str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve() \
+        .is_relative_to(REPO) else None
+    if config is None:
+        raise SubmitError(f"config {args.config!r} is outside the repository {REPO}; only the "
+                          "repository is uploaded, so put the config under configs/")
+    entrypoint = ["python", "-m", ENTRYPOINT_MODULES[args.kind], "--config", config,
+                  "--out-dir", out_dir]
+    if args.kind == "rank-search" and args.from_ablation:
+        entrypoint += ["--from-ablation", args.from_ablation]
+    entrypoint += args.overrides
+    submission_id = args.submission_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Submission(name, submission_id, address, out_dir,
+                      runtime_env(args.shared_dir, parse_env(args.env)), entrypoint)
+
+
+def ray_cli() -> str:
+    # The ray next to this interpreter: the client must match the cluster's Ray version.
+    beside = Path(sys.executable).parent / "ray"
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if not found:
+        raise SubmitError("the `ray` command is not installed next to this Python; run `make venv`")
+    return found
+
+
+def quoted(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def submit(args: argparse.Namespace) -> int:
+    submission = build_submission(args)
+    env = token_environment(args.token_file)
+    cli = "ray" if args.dry_run else ray_cli()
+    command = submission.command(cli)
+    address = submission.address
+    print(f"experiment {submission.name!r} -> {submission.out_dir} on the cluster")
+    print(f"submit:  {quoted(command)}")
+    if args.dry_run:
+        return 0
+    subprocess.run(command, env=env, check=True)
+    sid = shlex.quote(submission.submission_id)
+    print(f"follow:  ray job logs --address {address} --follow {sid}\n"
+          f"status:  ray job status --address {address} {sid}\n"
+          f"stop:    ray job stop --address {address} {sid}\n"
+          f"fetch:   python -m cluster.submit fetch --config {args.config} "
+          f"(--cluster-config cluster/ray-aws.yaml | --head USER@HEAD)\n"
+          "resume:  re-run this same command (finished trials are kept)")
+    if args.no_follow:
+        return 0
+    try:
+        return subprocess.run([cli, "job", "logs", "--address", address, "--follow",
+                               submission.submission_id], env=env).returncode
+    except KeyboardInterrupt:
+        print("\nstopped following; the job keeps running on the cluster", file=sys.stderr)
+        return 0
+
+
+def fetch_command(args: argparse.Namespace) -> list[str]:
+    if args.remote_dir:
+        remote = args.remote_dir
+    elif args.config:
+        remote = f"{args.shared_dir}/runs/{load_experiment_name(args.kind_of_config, args.config, [])}"
+    else:
+        raise SubmitError("fetch needs --config (the one you submitted) or --remote-dir")
+    dest = Path(args.dest) / Path(remote).name
+    if args.cluster_config:
+        if not Path(args.cluster_config).is_file():
+            raise SubmitError(f"--cluster-config {args.cluster_config!r} does not exist")
+        if args.exclude:
+            raise SubmitError("--exclude works with --head (plain rsync); `ray rsync-down` has no "
+                              "exclude option")
+        return ["ray", "rsync-down", args.cluster_config, f"{remote}/", f"{dest}/"]
+    if args.head:
+        excludes = [f"--exclude={pattern}" for pattern in args.exclude]
+        return ["rsync", "-az", "--partial", "--info=progress2", *excludes,
+                f"{args.head}:{remote}/", f"{dest}/"]
+    raise SubmitError("fetch needs --cluster-config FILE (a cluster started with `ray up`) or "
+                      "--head USER@HOST (any cluster you can ssh to)")
+
+
+def fetch(args: argparse.Namespace) -> int:
+    command = fetch_command(args)
+    print(f"fetch:   {quoted(command)}")
+    if args.dry_run:
+        return 0
+    Path(command[-1]).mkdir(parents=True, exist_ok=True)
+    if command[0] == "ray":
+        command[0] = ray_cli()
+    return subprocess.run(command).returncode
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for kind in ENTRYPOINT_MODULES:
+        s = sub.add_parser(kind, help=f"submit `python -m {ENTRYPOINT_MODULES[kind]}` as a Ray job")
+        s.set_defaults(kind=kind)
+        s.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 "
+                                         "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+        s.add_argument("--config", help="the YAML, a path inside this repository")
+        s.add_argument("--shared-dir", default=DEFAULT_SHARED_DIR,
+                       help="shared file system on every node (default %(default)s)")
+        s.add_argument("--out-dir", help="experiment directory on the cluster "
+                                         "(default: SHARED_DIR/runs/<config name>)")
+        if kind == "rank-search":
+            s.add_argument("--from-ablation", help="the ablation's experiment directory on the cluster")
+        s.add_argument("--submission-id", help="default: <config name>-<date>-<time>")
+        s.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                       help="extra runtime-env variable; KEY alone forwards this shell's value")
+        s.add_argument("--token-file", help="the cluster's auth token (token authentication)")
+        s.add_argument("--no-follow", action="store_true", help="submit and return")
+        s.add_argument("--dry-run", action="store_true", help="check and print, submit nothing")
+        s.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="overrides of the ablation / rank-search config")
+    f = sub.add_parser("fetch", help="copy the experiment directory from the cluster")
+    f.add_argument("--config", help="the config you submitted (names the experiment directory)")
+    f.add_argument("--kind", dest="kind_of_config", choices=list(ENTRYPOINT_MODULES),
+                   default="ablation", help="what --config is (default %(default)s)")
+    f.add_argument("--shared-dir", default=DEFAULT_SHARED_DIR)
+    f.add_argument("--remote-dir", help="experiment directory on the cluster (instead of --config)")
+    f.add_argument("--cluster-config", help="cluster YAML the cluster was started with (`ray up`)")
+    f.add_argument("--head", help="USER@HOST of the head node (plain rsync over ssh)")
+    f.add_argument("--exclude", action="append", default=[],
+                   help="rsync pattern to skip (with --head), e.g. 'checkpoints/'")
+    f.add_argument("--dest", default="runs", help="local folder (default %(default)s)")
+    f.add_argument("--dry-run", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return fetch(args) if args.command == "fetch" else submit(args)
+    except SubmitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"error: `{quoted(exc.cmd)}` failed with exit status {exc.returncode}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

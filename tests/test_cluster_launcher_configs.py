@@ -1,0 +1,102 @@
+"""The Ray cluster launcher files are checked with Ray's own validation (ray-schema.json and the checks
+`ray up` runs before it touches a cloud), so a typo in cluster/ray-*.yaml fails here, not on a cluster."""
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+FILES = sorted(CLUSTER.glob("ray-*.yaml"))
+SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def ray_up_validation(raw: dict) -> dict:
+    """What `ray up` does with the file before calling the cloud: the raw file against the schema,
+    then defaults filled in (per provider) and the result validated again."""
+    jsonschema.validate(raw, SCHEMA)
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    return prepared
+
+
+def test_all_three_launcher_files_exist():
+    assert {p.name for p in FILES} == {"ray-aws.yaml", "ray-gcp.yaml", "ray-onprem.yaml"}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_file_passes_rays_validation(path):
+    prepared = ray_up_validation(load(path))
+    # The provider section is free-form in the schema; hold its keys to the ones Ray documents.
+    unknown = set(load(path)["provider"]) - set(SCHEMA["properties"]["provider"]["properties"])
+    assert not unknown, f"{path.name}: unknown provider keys {unknown}"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.name != "ray-onprem.yaml"], ids=lambda p: p.name)
+def test_cloud_files_have_cpu_head_and_autoscaling_gpu_workers(path):
+    raw = load(path)
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for name, t in types.items() if name != raw["head_node_type"]]
+    assert gpu_types, "no worker node type"
+    for t in gpu_types:
+        assert t.get("min_workers", 0) == 0 < t["max_workers"] <= raw["max_workers"]
+    # the GPU type is named for its 8 GPUs, which the 8-GPU trials of configs/ablation/gpt2-124m.yaml need
+    assert any("8x" in name for name in types)
+
+
+def test_onprem_file_lists_head_and_worker_ips():
+    provider = load(CLUSTER / "ray-onprem.yaml")["provider"]
+    assert provider["type"] == "local"
+    assert provider["head_ip"] and provider["worker_ips"]
+    assert provider["head_ip"] not in provider["worker_ips"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_nodes_install_the_project_like_the_readme_and_run_ray_from_its_venv(path):
+    raw = load(path)
+    assert any("make venv" in c for c in raw["setup_commands"])
+    assert raw["file_mounts"]["~/approxgpt"] == "."
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in raw[key] if "ray start" in c]
+        assert start and all(".venv/bin/activate" in c and "RAY_AUTH_MODE=token" in c for c in start)
+    # the job server that `ray job submit` talks to lives in ray[default]
+    assert any("ray[default]==" in c for c in raw["head_setup_commands"])
+    for local_state in (".venv", "runs"):
+        assert local_state in raw["rsync_exclude"]
+
+
+@pytest.mark.parametrize("typo", [
+    {"setup_comands": ["echo hi"]},              # top-level key
+    {"idle_timeout_minute": 5},                  # top-level key
+])
+def test_a_typo_at_the_top_level_is_rejected(typo):
+    raw = load(CLUSTER / "ray-aws.yaml")
+    raw.update(typo)
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
+        ray_up_validation(raw)
+
+
+def test_a_typo_in_a_node_type_is_rejected():
+    raw = load(CLUSTER / "ray-gcp.yaml")
+    node_type = next(iter(raw["available_node_types"].values()))
+    node_type["max_worker"] = node_type.pop("max_workers", 4)
+    with pytest.raises(jsonschema.ValidationError):
+        ray_up_validation(raw)
+
+
+def test_a_head_type_that_does_not_exist_is_rejected():
+    raw = load(CLUSTER / "ray-aws.yaml")
+    raw["head_node_type"] = "head_gpu"
+    with pytest.raises(ValueError, match="head_node_type"):
+        ray_up_validation(raw)
