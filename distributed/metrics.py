@@ -130,6 +130,6 @@ def read_metrics(run_dir: str | Path, event: str | None = None) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if event is None or record["event"] == event:
-            latest[(record["event"], record["step"], record.get("when"))] = record
-    return sorted(latest.values(), key=lambda r: (r["step"], r["time"]))
+        if event is None or record.get("event") == event:
+            latest[(record.get("event"), record.get("step"), record.get("when"))] = record
+    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("time", 0.0)))

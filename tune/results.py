@@ -21,10 +21,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from distributed import metrics as trainer_metrics
+
 TRIALS = "trials"
 EXPERIMENT_JSON = "experiment.json"
 TRIAL_JSON = "trial.json"
-METRICS = "metrics.jsonl"
+METRICS = trainer_metrics.METRICS_FILE
 RESULTS_CSV = "results.csv"
 
 # Statuses a trial.json can hold.
@@ -54,22 +56,11 @@ def trial_dir(experiment_dir: str | Path, trial_name: str) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The trainer's metrics records (see distributed/metrics.py), sorted by (step, time).
-
-    A resumed run re-logs the steps between its checkpoint and the crash; as in the trainer's own
-    reader, the latest record of each (event, step, when) wins. A torn last line (a writer killed
-    mid-line) is skipped."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
+    """The trainer's metrics records, read by the trainer's own reader (latest attempt wins for each
+    (event, step, when); a torn last line is skipped); [] for a trial that never started."""
+    if not (Path(run_dir) / METRICS).is_file():
         return []
-    latest: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        latest[(record.get("event"), record.get("step"), record.get("when"))] = record
-    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("time", 0.0)))
+    return trainer_metrics.read_metrics(run_dir)
 
 
 def evaluations(records: list[dict]) -> list[dict]:
