@@ -82,8 +82,8 @@ def markdown(config_path: str, rows: list[VariantEstimate], c: dict) -> str:
         f"= {dense.tokens:.3e} (the same for every variant: equal token budget)",
         "- training FLOPs = sum over the variant's stages of (stage tokens x training FLOPs/token of "
         "the model as it is in that stage), from model/accounting.py: matmul FLOPs of forward and the "
-        "backward autograd runs (~6N for a trainable dense model, plus attention 12 x n_layer x T x "
-        "n_embd); frozen blocks skip their weight gradients",
+        "backward autograd runs (~6N for a trainable dense model, plus causal attention "
+        "6 x n_layer x (T + 1) x n_embd); frozen blocks skip their weight gradients",
         f"- sustained throughput = {c['gpus']:g} GPUs x {c['peak_tflops']:g} TFLOP/s (H100 SXM bf16 "
         f"dense peak) x {c['mfu']:.0%} MFU (assumed) = {c['sustained'] / 1e15:.2f} PFLOP/s",
         "- wall time = training FLOPs / sustained throughput",

@@ -8,12 +8,17 @@ Forward, per token:
   Khatri-Rao factors costs r1*r2*(in + out) multiplies per forward pass, not per token, so it is
   negligible per token and not counted.
 - lm_head: 2 * n_embd * vocab_size.
-- full attention: 2 * 2 * T * n_embd per layer (Q K^T and A V over all heads). We count all T keys,
-  not the causal half, like nanoGPT/PaLM; it is also what SDPA's math kernel computes on CPU.
-- linformer attention: 2 * 2 * (k + chunk + window) * n_embd for scores and values over the slots and
-  the exact keys each query's chunk holds (again all of them, masked or not, as computed), plus
-  2 * 2 * k * n_embd to compress keys and values into k slots. The cumulative sum over chunks is
-  O(k * n_embd / chunk) per token and not counted.
+- Attention is counted as computed, so that the FLOPs axis of an ablation compares what each core
+  costs, not a convention:
+  - full causal attention: 2 * 2 * n_embd * (T + 1) / 2 per layer (Q K^T and A V over all heads, the
+    query at t seeing t + 1 keys, (T + 1) / 2 on average). Causal flash kernels (PyTorch's CPU
+    kernel, FlashAttention on GPUs) skip the blocks above the diagonal, so this is their work up to
+    one tile. nanoGPT's estimate_mfu and PaLM's appendix count all T keys (2 * 2 * T * n_embd), as
+    does torch.utils.flop_counter: their figures are higher by that difference.
+  - linformer attention: 2 * 2 * (k + chunk + window) * n_embd for scores and values over the slots
+    and the exact keys each query's chunk holds (all of them, masked or not: the fused kernel with
+    an explicit mask computes every score), plus 2 * 2 * k * n_embd to compress keys and values
+    into k slots. The cumulative sum over chunks is O(k * n_embd / chunk) per token, not counted.
 
 Training, per token, follows what autograd actually executes, op by op in forward order:
 - a matmul with a weight costs F (forward) + F if its input needs a gradient (backward to the input)
@@ -84,7 +89,7 @@ def linear_forward_flops(layer: nn.Module) -> int:
 def attention_forward_flops(core: nn.Module, seq_len: int, n_embd: int) -> tuple[int, int]:
     """(scores-and-values FLOPs, compression FLOPs) per token of one attention core."""
     if isinstance(core, FullCausalAttention):
-        return 2 * 2 * seq_len * n_embd, 0
+        return 2 * n_embd * (seq_len + 1), 0  # 2 * 2 * n_embd * (T + 1) / 2: the causal half
     if isinstance(core, CausalLinformerAttention):
         return 2 * 2 * (core.k + core.chunk + core.window) * n_embd, 2 * 2 * core.k * n_embd
     raise TypeError(f"no FLOP count for attention core {type(core).__name__}")

@@ -133,6 +133,32 @@ def test_linformer_computes_the_documented_construction(T, k, window, chunk):
     torch.testing.assert_close(core(q, key, v), reference_linformer(core, q, key, v))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_linformer_fused_kernel_path_matches_the_construction(dtype, tol):
+    """Training runs in float32 or bf16: there the core must compute the same construction through
+    PyTorch's fused SDPA kernel (not the unfused math fallback that materialises the scores)."""
+    torch.manual_seed(0)
+    T, k, window, chunk = 20, 3, 4, 8
+    core = CausalLinformerAttention(BLOCK, k, window, chunk, dropout=0.0)
+    inputs = [torch.randn(2, 3, T, 16, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(2, 3, T, 16)
+    expected = reference_linformer(core, *inputs)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    with torch.no_grad():
+        core_low = CausalLinformerAttention(BLOCK, k, window, chunk, dropout=0.0)
+        core_low.load_state_dict(core.state_dict())
+    low = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    with torch.profiler.profile() as profiler:
+        out = core_low.to(dtype)(*low)
+    ops = {event.key for event in profiler.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    grads = torch.autograd.grad(out, low, grad_out.to(dtype))
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol * 10)
+
+
 def test_linformer_with_one_chunk_is_full_causal_attention():
     # chunk >= T: one chunk, no past to compress, every causal key exact -> exactly full attention.
     torch.manual_seed(0)
