@@ -198,6 +198,24 @@ def quoted(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+# What the job API answers while the head's job agent is still starting (seconds after `ray start`):
+# nothing was submitted, so submitting again is safe.
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+def run_job_submit(command: list[str], env: dict[str, str] | None = None, patience_s: float = 90,
+                   **run_kwargs) -> subprocess.CompletedProcess:
+    """Run a `ray job submit` command (output captured), again every few seconds while the cluster's
+    job agent is not up yet; any other failure is returned as it is."""
+    deadline = time.time() + patience_s
+    while True:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, **run_kwargs)
+        if result.returncode == 0 or AGENT_NOT_READY not in result.stdout + result.stderr \
+                or time.time() > deadline:
+            return result
+        time.sleep(3)
+
+
 def submit(args: argparse.Namespace) -> int:
     submission = build_submission(args)
     env = token_environment(args.token_file)
@@ -208,7 +226,11 @@ def submit(args: argparse.Namespace) -> int:
     print(f"submit:  {quoted(command)}")
     if args.dry_run:
         return 0
-    subprocess.run(command, env=env, check=True)
+    result = run_job_submit(command, env)
+    print(result.stdout, end="")
+    print(result.stderr, end="", file=sys.stderr)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, command)
     sid = shlex.quote(submission.submission_id)
     print(f"follow:  ray job logs --address {address} --follow {sid}\n"
           f"status:  ray job status --address {address} {sid}\n"

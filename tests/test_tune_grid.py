@@ -112,7 +112,7 @@ def test_shipped_ablation_configs_validate(path):
 
 
 def test_wandb_is_offline_without_a_key(monkeypatch, tmp_path):
-    from tune.trainable import wandb_callbacks
+    from tune.wandb_logging import wandb_callbacks
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -1,5 +1,5 @@
 """The ablation on real Ray: Tune trials running Ray Train + the trainer, fault tolerance, resume, and
-the cluster path (`ray start --head` + `ray job submit --working-dir .`).
+the cluster path (`ray start --head` + `ray job submit --working-dir .`) with Ray's wandb callback.
 
 Both tests use a micro model and a ~20-step budget: they check the plumbing, not the numbers.
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tune.results import read_csv, read_json
+from cluster.submit import run_job_submit
+from tune.results import evaluations, read_csv, read_json, read_metrics
+from wandb_records import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -101,9 +103,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit_to_a_local_head(tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of a 2-trial ablation,
-    results checked, cluster stopped (by its own process group, leaving other Ray instances be)."""
+    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of a 2-trial ablation with
+    wandb on (offline: no key), results and wandb runs checked, cluster stopped (by its own process
+    group, leaving other Ray instances be)."""
     env = _env(tmp_path)
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        env.pop(key, None)
+    env["HOME"] = str(tmp_path)  # no ~/.netrc wandb login either
     # Token authentication, as Ray >= 2.59 enables for local clusters: a token of our own, given to
     # the head and to the client through the environment (never ~/.ray).
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
@@ -112,6 +118,10 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         # Free ports for the agents too: the defaults (52365, ...) clash with any other Ray instance
+         # on the machine, whose agent then serves no jobs of ours ("No available agent").
+         "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
          "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
@@ -125,12 +135,13 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         excludes = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "wandb"]
-        submit = subprocess.run(
+        submit = run_job_submit(
             [RAY, "job", "submit", "--address", address, "--working-dir", ".",
              "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
              PYTHON, "-m", "tune.ablation", "--config", "configs/ablation/tiny.yaml",
-             "--out-dir", str(out), *MICRO, *TWO_TRIALS, LOWRANK_MLP + "]", "seeds=[7]"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+             "--out-dir", str(out), *MICRO, *TWO_TRIALS, LOWRANK_MLP + "]", "seeds=[7]",
+             "wandb.enabled=true"],
+            env=env, cwd=ROOT, timeout=240)
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
         assert "succeeded" in log
@@ -138,6 +149,18 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
         assert {r["variant"] for r in rows} == {"dense", "grow+lrmlp+finish"}
         assert all(r["status"] == "ok" and r["seed"] == 7 and r["final_val_loss"] > 0 for r in rows)
         assert (out / "report.md").is_file()
+        # One complete offline wandb run per trial, grouped by experiment, configured with the
+        # trial's variant and seed, whose history is every evaluation the trainer logged.
+        runs = {r["name"]: r for r in map(read_offline_run, (out / "wandb").rglob("offline-run-*/*.wandb"))}
+        assert set(runs) == {Path(r["run_dir"]).name for r in rows}, runs.keys()
+        for row in rows:
+            run = runs[Path(row["run_dir"]).name]
+            assert run["finished"] and run["group"] == "ablation-tiny"
+            assert run["config"]["variant"] == row["variant"] and run["config"]["seed"] == 7
+            evaluated = [e["val_loss"] for e in evaluations(read_metrics(out / row["run_dir"]))]
+            logged = [h["val_loss"] for h in run["history"] if "val_loss" in h]
+            assert evaluated and logged[:len(evaluated)] == evaluated
+            assert logged[-1] == row["final_val_loss"]
     finally:
         # Stop this head and everything it started: one process group, ours alone.
         try:

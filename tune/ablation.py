@@ -32,7 +32,8 @@ from tune.grid import (Grid, describe, expand, experiment_config, experiment_rec
                        validate_grid)
 from tune.results import EXPERIMENT_JSON, OK, RESULTS_CSV, TRIALS, collect, read_json, \
     write_json_atomic
-from tune.trainable import DRIVER_RESOURCES, TRAIN_ENV, TRAIN_FN, trial_driver, wandb_callbacks
+from tune.trainable import DRIVER_RESOURCES, TRAIN_ENV, TRAIN_FN, trial_driver
+from tune.wandb_logging import wandb_callbacks
 
 TUNE_DIR = "tune"        # Ray Tune's experiment state, under the experiment directory
 RAY_TRAIN_DIR = "ray_train"
@@ -125,7 +126,8 @@ def run_ablation(grid: Grid, experiment_dir: Path, *, address: str | None = None
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(experiment_dir),
                 failure_config=tune.FailureConfig(max_failures=grid.config.failures.trial_retries),
-                callbacks=wandb_callbacks(grid.config.wandb, grid.config.name, experiment_dir),
+                callbacks=wandb_callbacks(grid.config.wandb, grid.config.name, experiment_dir,
+                                          {name: c["trial"] for name, c in by_name.items()}),
                 verbose=1),
         )
     tuner.fit()

@@ -41,7 +41,8 @@ from tune.analysis import pareto_front
 from tune.grid import FailureSpec, ResourcesSpec, WandbSpec
 from tune.results import (EXPERIMENT_JSON, OK, TRIAL_JSON, TRIALS, read_json, read_metrics,
                           summarize_metrics, write_json_atomic)
-from tune.trainable import DRIVER_RESOURCES, TRAIN_ENV, TRAIN_FN, run_trial, wandb_callbacks
+from tune.trainable import DRIVER_RESOURCES, TRAIN_ENV, TRAIN_FN, run_trial
+from tune.wandb_logging import wandb_callbacks
 
 TUNE_DIR = "tune"
 PARAMS_JSON = "params.json"

@@ -180,28 +180,3 @@ def _wait_for_forwarded_reports(timeout_s: float = 120.0) -> None:
         else:
             quiet_since = None
         time.sleep(0.1)
-
-
-def wandb_callbacks(spec, group: str, experiment_dir: Path) -> list:
-    """Ray's wandb callback (one wandb run per trial, grouped by experiment) when `spec.enabled`;
-    offline unless an API key is configured (WANDB_API_KEY or `wandb login`'s ~/.netrc entry)."""
-    if not spec.enabled:
-        return []
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
-    mode = spec.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
-    if mode == "offline":
-        os.environ["WANDB_MODE"] = "offline"   # also tells Ray's callback not to look for a key
-    (experiment_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return [WandbLoggerCallback(project=spec.project, group=group, mode=mode,
-                                dir=str(experiment_dir / "wandb"))]
-
-
-def _netrc_has_wandb() -> bool:
-    import netrc
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
