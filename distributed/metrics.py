@@ -88,7 +88,10 @@ class MetricsLogger:
             return record
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            numbers = {f"{event}/{k}": v for k, v in values.items()
+            # wandb merges everything logged at one step into one history row, so the evaluation
+            # right after the full-rank finish (same step as the stage-end one) needs keys of its own.
+            suffix = "_realized" if values.get("when") == "realized" else ""
+            numbers = {f"{event}/{k}{suffix}": v for k, v in values.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self._wandb.log({"stage": stage, **numbers}, step=step)
         return record

@@ -14,6 +14,7 @@ from conftest import launch_trainer
 from distributed import checkpoint as ckpt
 from distributed.export import load_final
 from distributed.metrics import read_metrics
+from wandb_records import read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,18 @@ def test_wandb_offline_run_lands_in_the_run_directory(reference_runs):
     run_dir, result = reference_runs[1]
     _ok(result)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert len(offline) == 1
+    (run_file,) = offline[0].glob("*.wandb")
+    # Rank 0's wandb run holds the run's config and every evaluation the metrics file holds, the one
+    # right after the full-rank finish included (it shares its step with the stage-end one).
+    run = read_offline_run(run_file)
+    assert run["finished"] and run["config"]["deepspeed"]["zero_stage"] == 1
+    rows = {h["_step"]: h for h in run["history"]}
+    evaluations = read_metrics(run_dir, "eval")
+    assert any(r["when"] == "realized" for r in evaluations)
+    for r in evaluations:
+        key = "eval/val_loss_realized" if r["when"] == "realized" else "eval/val_loss"
+        assert rows[r["step"]][key] == r["val_loss"], (r, rows.get(r["step"]))
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
