@@ -96,8 +96,8 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def top_ops(fn: Callable[[], object], device: torch.device, n: int = 8) -> list[dict]:
-    """The n operators with the most self time over one call of fn (after one warm-up call)."""
+def top_ops(fn: Callable[[], object], device: torch.device, n: int | None = 8) -> list[dict]:
+    """The n operators (None: all) with the most self time over one call of fn (after one warm-up)."""
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
