@@ -20,10 +20,16 @@ def _counted(op: str) -> bool:
     return op in MATMUL_OPS or "scaled_dot_product" in op
 
 
+def _fewer_or_more(flop_ratio: float) -> str:
+    return f"{flop_ratio:.2f}x fewer" if flop_ratio >= 1 else f"{1 / flop_ratio:.2f}x more"
+
+
 def _split_ms(ops: list[dict]) -> dict:
     """A step's self time split into the ops the accounting counts and everything else."""
     counted = sum(o["self_ms"] for o in ops if _counted(o["op"]))
-    return {"counted_ms": counted, "other_ms": sum(o["self_ms"] for o in ops) - counted}
+    others = sorted((o for o in ops if not _counted(o["op"])), key=lambda o: -o["self_ms"])
+    return {"counted_ms": counted, "other_ms": sum(o["self_ms"] for o in ops) - counted,
+            "top_other": {o["op"]: o["self_ms"] for o in others[:4]}}
 
 
 def run(ctx: Context) -> dict:
@@ -76,7 +82,8 @@ def run(ctx: Context) -> dict:
                 f"{approx['counted_ms']:.0f} ms of the all-on step, {counted_speedup:.2f}x faster for "
                 f"{flop_ratio:.2f}x fewer FLOPs: a low-rank layer's second matmul (inner dimension = "
                 f"rank) still writes the layer's full output, so it runs at a lower FLOP rate. Everything "
-                f"else takes {dense['other_ms']:.0f} ms (dense) and {approx['other_ms']:.0f} ms (all-on). "
+                f"else takes {dense['other_ms']:.0f} ms (dense) and {approx['other_ms']:.0f} ms (all-on; "
+                f"most: {', '.join(f'{op} {ms:.0f} ms' for op, ms in approx['top_other'].items())}). "
                 f"Even if the counted ops had sped up by the full FLOP ratio, the step would be only "
                 f"{ideal:.2f}x faster (agreement {ideal / flop_ratio:.2f}): with matmul FLOPs cut "
                 f"{flop_ratio:.1f}x, the uncounted work sets the step time at this size.")
@@ -86,8 +93,8 @@ def run(ctx: Context) -> dict:
             att = e["approx"]["attention"]
             keys = att["k"] + att["window"] + att["chunk"]
             notes.append(f"{e['setup']}: the Linformer alone makes the step "
-                         f"{1 / linformer['speedup']:.2f}x SLOWER although it needs "
-                         f"{linformer['flop_ratio']:.2f}x fewer FLOPs: at T={e['seq_len']} the "
+                         f"{1 / linformer['speedup']:.2f}x SLOWER for "
+                         f"{_fewer_or_more(linformer['flop_ratio'])} FLOPs: at T={e['seq_len']} the "
                          f"Linformer core costs more than causal SDPA (figure 3: it wins only from "
                          f"its crossover T on; with k + window + chunk = {keys} scores per query against "
                          f"causal attention's {(e['seq_len'] + 1) / 2:.0f} on average, it saves little "
