@@ -37,8 +37,11 @@ def peak_memory_bytes() -> int:
 
 
 def wandb_mode(cfg: ExperimentConfig) -> str:
+    return resolve_wandb_mode(cfg.wandb.mode)
+
+
+def resolve_wandb_mode(mode: str) -> str:
     """'auto' is online only when an API key is configured (env var or `wandb login`'s netrc)."""
-    mode = cfg.wandb.mode
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_API_KEY"):

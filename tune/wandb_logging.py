@@ -13,11 +13,12 @@ Two changes to Ray's `WandbLoggerCallback` (Ray 2.60, wandb 0.31), both small:
 """
 from __future__ import annotations
 
-import netrc
 import os
 from pathlib import Path
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+from distributed.metrics import resolve_wandb_mode
 
 
 class _FlushingWandbLoggingActor(_WandbLoggingActor):
@@ -50,18 +51,10 @@ def wandb_callbacks(spec, group: str, experiment_dir: Path,
     """[TrialWandbCallback] when `spec.enabled`, else []; `spec` is a config's `wandb` section."""
     if not spec.enabled:
         return []
-    mode = spec.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+    mode = resolve_wandb_mode(spec.mode)
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"   # also tells Ray's callback not to look for a key
     (experiment_dir / "wandb").mkdir(parents=True, exist_ok=True)
     return [TrialWandbCallback(trial_info, project=spec.project, group=group, mode=mode,
                                dir=str(experiment_dir / "wandb"))]
 
-
-def _netrc_has_wandb() -> bool:
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
