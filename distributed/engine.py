@@ -124,7 +124,21 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device):
                                   foreach=False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
                                       model_parameters=[p for g in groups for p in g["params"]])
+    if t.compile:
+        # The previous stage's graphs guard on a model that no longer exists; dropping them keeps
+        # them from counting against dynamo's recompile limit (8 per code object) as stages add up.
+        torch._dynamo.reset()
+        engine.compile()  # nn.Module.compile in place: state-dict keys and ZeRO hooks unchanged
     return engine
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far (0 unless train.compile is on). A stage
+    should add one for training and one for evaluation (no_grad); more means a recompilation or a
+    graph break, which show up here before they show up as lost speed."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def set_learning_rate(engine, lr: float) -> None:

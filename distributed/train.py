@@ -41,9 +41,9 @@ import yaml
 from data import build_token_cache, get_encoding, train_batch, validation_batches
 from distributed import checkpoint as ckpt
 from distributed.config import ConfigError, ExperimentConfig, load_config
-from distributed.engine import (block_digests, build_engine, destroy_engine, full_state_dict,
-                                init_distributed, optimizer_state_bytes, quiet_deepspeed_logging,
-                                same_on_every_rank, set_learning_rate)
+from distributed.engine import (block_digests, build_engine, compiled_graph_count, destroy_engine,
+                                full_state_dict, init_distributed, optimizer_state_bytes,
+                                quiet_deepspeed_logging, same_on_every_rank, set_learning_rate)
 from distributed.metrics import MetricsLogger, peak_memory_bytes
 from distributed.schedule import Stage, build_plan, format_plan, learning_rate, tokens_per_step
 from model import GPT
@@ -186,6 +186,9 @@ class Trainer:
                        f"{cfg.deepspeed.precision}, {self.tokens_per_step:,} tokens/step)\n"
                        + format_plan(self.plan)
                        + (f"\nresuming from {found[0]} (step {self.step})" if resuming else ""))
+        if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
+            self.log.write("train.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks break the "
+                           "compiled graph at every module (~15 graphs per block), so expect little gain")
 
     def _build(self, model: GPT, realized: bool) -> None:
         """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine."""
@@ -194,6 +197,7 @@ class Trainer:
         self.flops_per_token = model.training_flops_per_token().training
         self.engine = build_engine(model, self.cfg, self.device)
         self.opt_bytes: int | None = None
+        self.graphs_before_stage = compiled_graph_count()
 
     def _enter_stage(self, stage: Stage) -> None:
         """Rebuild for the next stage: gather full weights, drop the engine, mutate a fresh model."""
@@ -300,6 +304,7 @@ class Trainer:
             per_rank = [None] * self.world_size
             dist.all_gather_object(per_rank, self.opt_bytes)
             extra["optimizer_state_bytes_per_rank"] = per_rank
+            extra["compiled_graphs"] = compiled_graph_count() - self.graphs_before_stage
         return self.log.log(event, self.step, stage.index, name=stage.name, structure=self.structure,
                             params_total=self.params["total"], params_trainable=self.params["trainable"],
                             flops_per_token=self.flops_per_token, block_digests=digests,

@@ -144,12 +144,19 @@ class CausalLinformerAttention(nn.Module):
     def _mask(self, n_chunks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Additive (1, C, chunk, k + window + chunk) mask: 0 where a query may attend, -inf elsewhere.
         Cached: it depends only on the chunk count (and device, dtype), not on the data."""
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the mask is a constant of the graph; looking it up in the dict
+            # would make dynamo guard on the cache's contents and compile the model a second time.
+            return self._additive_mask(n_chunks, device, dtype)
         key = (n_chunks, device, dtype)
         if self._mask_cache.get("key") != key:
-            visible = self._visible(n_chunks, device)
-            mask = torch.zeros(visible.shape, device=device, dtype=dtype)
-            self._mask_cache = {"key": key, "mask": mask.masked_fill_(~visible, float("-inf")).unsqueeze(0)}
+            self._mask_cache = {"key": key, "mask": self._additive_mask(n_chunks, device, dtype)}
         return self._mask_cache["mask"]
+
+    def _additive_mask(self, n_chunks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        visible = self._visible(n_chunks, device)
+        mask = torch.zeros(visible.shape, device=device, dtype=dtype)
+        return mask.masked_fill_(~visible, float("-inf")).unsqueeze(0)
 
     def _visible(self, n_chunks: int, device: torch.device) -> torch.Tensor:
         """(C, chunk, k + window + chunk) bool: which slots / exact keys each query may attend to."""

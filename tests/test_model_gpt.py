@@ -182,3 +182,44 @@ def test_generate_extends_the_sequence_and_top_k_1_is_greedy():
         logits, _ = model(greedy[:, -config.block_size:])
         greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, greedy)
+
+
+def test_torch_compile_traces_the_approximated_model_as_one_graph_without_recompiling():
+    """train.compile relies on this: every approximation on, a frozen prefix under no_grad, the
+    ABBA autograd.Function and the Linformer mask all trace into ONE graph (a graph break would split
+    it, a guard on the mask cache would compile it twice), and the compiled model computes the same
+    loss and gradients as the eager one. aot_eager runs dynamo and AOT autograd without inductor's
+    C++ compiler; the trainer test runs inductor itself."""
+    approx = {"attn_qkv": {"kind": "abba", "r1": 2, "r2": 2}, "attn_proj": {"kind": "abba", "r1": 2, "r2": 2},
+              "mlp_fc": {"kind": "lowrank", "rank": 4}, "mlp_proj": {"kind": "lowrank", "rank": 4},
+              "attention": {"kind": "linformer", "k": 4, "window": 4, "chunk": 8}}
+    config = GPTConfig.model_validate(small_config(n_layer=3).model_dump() | {"approx": approx})
+    torch.manual_seed(0)
+    eager = GPT(config)
+    eager.freeze_embeddings()
+    eager.freeze_layer(0)
+    compiled = GPT(config)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.freeze_embeddings()
+    compiled.freeze_layer(0)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    compiled.compile(backend=counting_backend)
+    idx, targets = torch.randint(40, (2, 16)), torch.randint(40, (2, 16))
+    for _ in range(2):  # the second call must reuse the first call's graph
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            model(idx, targets)[1].backward()
+    assert len(graphs) == 1
+    torch.testing.assert_close(compiled(idx, targets)[1], eager(idx, targets)[1])
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        else:
+            assert q.grad is None, name
+    torch._dynamo.reset()

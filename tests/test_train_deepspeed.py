@@ -81,6 +81,26 @@ def test_every_zero_stage_runs_growth_freezing_and_the_full_rank_finish(referenc
     assert "Traceback" not in result.stderr
 
 
+def test_compiled_run_repeats_the_eager_losses_with_one_graph_per_mode(reference_runs, tiny_trainer_config,
+                                                                     tmp_path):
+    """train.compile=true (inductor, 2 processes, ZeRO-2) over growth, freezing and the finish: the
+    same losses as the eager run up to float reassociation, and per stage exactly two graphs (training,
+    and evaluation under no_grad): no graph break, no recompilation."""
+    run_dir = tmp_path / "run"
+    _ok(launch_trainer(tiny_trainer_config, run_dir, "deepspeed.zero_stage=2", "train.compile=true"))
+    eager_dir = reference_runs[2][0]
+    assert [r["compiled_graphs"] for r in read_metrics(eager_dir, "stage_end")] == [0, 0, 0, 0]
+    assert [r["compiled_graphs"] for r in read_metrics(run_dir, "stage_end")] == [2, 2, 2, 2]
+    compiled, eager = _losses(run_dir), _losses(eager_dir)
+    assert compiled.keys() == eager.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-5), step
+    evals = {(r["step"], r["when"]): r["val_loss"] for r in read_metrics(run_dir, "eval")}
+    eager_evals = {(r["step"], r["when"]): r["val_loss"] for r in read_metrics(eager_dir, "eval")}
+    assert evals.keys() == eager_evals.keys()
+    assert all(evals[k] == pytest.approx(eager_evals[k], rel=1e-5) for k in evals)
+
+
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_frozen_parameters_get_no_optimizer_state(reference_runs, zero):
     run_dir, _ = reference_runs[zero]
