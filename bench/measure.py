@@ -96,18 +96,21 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def top_ops(fn: Callable[[], object], device: torch.device, n: int | None = 8) -> list[dict]:
-    """The n operators (None: all) with the most self time over one call of fn (after one warm-up)."""
+def top_ops(fn: Callable[[], object], device: torch.device, n: int | None = 8,
+            calls: int = 1) -> list[dict]:
+    """The n operators (None: all) with the most self time per call of fn, averaged over `calls`
+    profiled calls (after one warm-up); more calls steady the split on a shared machine."""
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
         synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in averages) or 1.0
-    return [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
-             "calls": e.count} for e in averages[:n]]
+    return [{"op": e.key, "self_ms": getattr(e, key) / 1e3 / calls, "share": getattr(e, key) / total,
+             "calls": e.count // calls} for e in averages[:n]]
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, budget: Budget) -> float:
