@@ -188,7 +188,7 @@ class Trainer:
                        + (f"\nresuming from {found[0]} (step {self.step})" if resuming else ""))
         if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
             self.log.write("train.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks break the "
-                           "compiled graph at every module (~15 graphs per block), so expect little gain")
+                           "compiled graph at every module (tens of graphs per stage), so expect little gain")
 
     def _build(self, model: GPT, realized: bool) -> None:
         """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine."""
