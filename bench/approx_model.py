@@ -74,9 +74,9 @@ def run(ctx: Context) -> dict:
                    "linformer only": all_on(setup.config, linears=False)}
         models = {name: build_gpt(c, ctx.device) for name, c in configs.items()}
         batch = make_batch(setup, ctx.device)
-        steps = {name: train_step(m, batch) for name, m in models.items()}
         compiled_steps, first_step_s = _compiled_steps(configs, _compiled_names(ctx), batch, ctx)
-        timing = time_interleaved(steps | compiled_steps, ctx.budget, ctx.device)
+        steps = {name: train_step(m, batch) for name, m in models.items()} | compiled_steps
+        timing = time_interleaved(steps, ctx.budget, ctx.device)
         flops = {name: m.training_flops_per_token(setup.seq_len).training for name, m in models.items()}
         tokens = setup.tokens_per_step
         entry = {"setup": setup.name, "seq_len": setup.seq_len, "approx": models["all-on"].config.approx.model_dump(),
@@ -105,10 +105,9 @@ def run(ctx: Context) -> dict:
         if abs(agreement - 1) > AGREEMENT:
             problems.append(f"{setup.name}: the {judged} speed-up is {agreement:.2f} of the FLOP ratio")
             suffix = judged[len("all-on"):]
-            every_step = steps | compiled_steps
             profiled_calls = 1 if ctx.smoke else 3
-            approx_ops = top_ops(every_step[f"all-on{suffix}"], ctx.device, n=None, calls=profiled_calls)
-            dense_ops = top_ops(every_step[f"dense{suffix}"], ctx.device, n=None, calls=profiled_calls)
+            approx_ops = top_ops(steps[f"all-on{suffix}"], ctx.device, n=None, calls=profiled_calls)
+            dense_ops = top_ops(steps[f"dense{suffix}"], ctx.device, n=None, calls=profiled_calls)
             entry["profile_split"] = {"dense": _split_ms(dense_ops), "all-on": _split_ms(approx_ops)}
             profiles.append({"title": f"{setup.name} {judged} step, top ops", "ops": approx_ops[:12]})
             profiles.append({"title": f"{setup.name} dense{suffix} step, top ops", "ops": dense_ops[:12]})

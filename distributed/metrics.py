@@ -36,10 +36,6 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def wandb_mode(cfg: ExperimentConfig) -> str:
-    return resolve_wandb_mode(cfg.wandb.mode)
-
-
 def resolve_wandb_mode(mode: str) -> str:
     """'auto' is online only when an API key is configured (env var or `wandb login`'s netrc)."""
     if mode != "auto":
@@ -81,7 +77,7 @@ class MetricsLogger:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
-                          id=run_id, resume="allow", dir=str(run_dir), mode=wandb_mode(cfg),
+                          id=run_id, resume="allow", dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.mode),
                           config=cfg.to_yaml_dict())
 
     def log(self, event: str, step: int, stage: int, **values) -> dict:
