@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer, which DeepSpeed never does.
+
+    With every rank on one node (the deepspeed launcher on CPU), DeepSpeed's shared-memory all-reduce
+    creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MB of
+    RAM) per rank and leaves it behind when the process ends, however it ends: here a day of test
+    runs left 14 GB in /dev/shm, until Ray's memory monitor killed a Tune trial's workers. Every rank
+    has mapped every buffer when deepspeed.init_distributed returns; after a barrier the names are no
+    longer needed, and the mappings live on until the process exits."""
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    dist.barrier()  # on every rank, file or not (a single rank or several nodes: none is made)
+    name.unlink(missing_ok=True)
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the process group and return this process' place in it.
 
@@ -58,6 +74,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available() and world_size > 1:
+        _unlink_shm_allreduce_buffer(rank)
     # DeepSpeed reads these even when the caller created the group (Ray Train sets them; a
     # hand-made group may not).
     os.environ.setdefault("RANK", str(rank))

@@ -33,12 +33,24 @@ def _ok(result) -> None:
 def reference_runs(tiny_trainer_config, tmp_path_factory):
     """Uninterrupted runs, one per ZeRO stage; ZeRO-1 also logs to wandb (offline)."""
     runs = {}
+    shm_before = _shm_allreduce_buffers()
     for zero in (0, 1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"zero{zero}") / "run"
         extra = ["wandb.enabled=true"] if zero == 1 else []
         result = launch_trainer(tiny_trainer_config, run_dir, f"deepspeed.zero_stage={zero}", *extra)
         runs[zero] = (run_dir, result)
+    runs["shm_left_behind"] = _shm_allreduce_buffers() - shm_before
     return runs
+
+
+def _shm_allreduce_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def test_runs_leave_no_shared_memory_behind(reference_runs):
+    """DeepSpeed's CPU all-reduce makes a 66 MB /dev/shm buffer per rank and never removes it; the
+    trainer unlinks its own once every rank has mapped them (distributed/engine.py)."""
+    assert reference_runs["shm_left_behind"] == set()
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
