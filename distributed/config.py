@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from data.config import KNOWN_VOCAB_SIZES, DataConfig, padded_vocab_size
+from common import StrictModel as _Strict
+from common import format_validation_error, padded_vocab_size
+from data.config import KNOWN_VOCAB_SIZES, DataConfig, is_known_tokenizer
 from model.config import ApproxConfig, GPTConfig
 
 
 class ConfigError(ValueError):
     """A config problem, phrased for the person who wrote the YAML or the command line."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ScheduleConfig(_Strict):
@@ -134,6 +132,8 @@ class ExperimentConfig(_Strict):
         data = raw.get("data") or {}
         tokenizer = data.get("tokenizer", DataConfig.model_fields["tokenizer"].default) \
             if isinstance(data, dict) else None
+        if not isinstance(tokenizer, str) or not is_known_tokenizer(tokenizer):
+            return raw  # DataConfig names the bad data.tokenizer; the vocabulary is moot until then
         if tokenizer not in KNOWN_VOCAB_SIZES:
             raise ValueError(f"model.vocab_size must be set for tokenizer {tokenizer!r} "
                              f"(known without loading: {', '.join(KNOWN_VOCAB_SIZES)})")
@@ -217,46 +217,14 @@ def _key_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _lookup(raw: Any, loc: tuple) -> Any:
-    node = raw
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, dict) and str(part) in node:
-            node = node[str(part)]
-        else:
-            return None
-    return node
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One readable line per problem: key path, bad value, what is valid."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parent = _key_path(loc[:-1]) or "top level"
-            lines.append(f"{source}: unknown key {_key_path(loc)!r} (in {parent}); "
-                         "check the spelling against configs/experiments/tiny.yaml")
-        elif err["type"] in ("value_error", "assertion_error"):
-            # Our validators name the key paths themselves; prefix the section they ran in when
-            # the message does not already start with a dotted path.
-            first = msg.split(" ", 1)[0]
-            where = _key_path(loc)
-            prefix = f"{where}: " if where and "." not in first else ""
-            lines.append(f"{source}: {prefix}{msg}")
-        else:
-            value = err.get("input")
-            lines.append(f"{source}: {_key_path(loc)} = {value!r}: {msg}")
-    return "\n".join(lines)
-
-
-def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+def validate_config(raw: dict, source: str | Callable[[str, str], str] = "config") -> ExperimentConfig:
+    """source: where the config came from, or a function of (bad key path, message) (see load_config)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(
+            exc, source, key_path=_key_path,
+            unknown_key_hint="check the spelling against configs/experiments/tiny.yaml")) from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -279,5 +247,21 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment config, apply dotted overrides, validate, return the typed config."""
     raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, source=str(path) if path is not None else "config")
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
+    file = str(path) if path is not None else "config"
+    set_by = {item.partition("=")[0].strip(): item for item in overrides}
+
+    def related(a: str, b: str) -> bool:
+        return bool(a and b) and (a == b or a.startswith(b + ".") or b.startswith(a + "."))
+
+    def source(key: str, message: str) -> str:
+        # Blame the command-line override that set the bad key (or a section or key inside it), or
+        # that a cross-field message names, not the YAML file the user did not touch.
+        named = [key] + [w.strip(".,;:()`'") for w in message.split() if "." in w.strip(".")]
+        for item_key in reversed(list(set_by)):
+            if any(related(item_key, k) for k in named):
+                return f"override {set_by[item_key]!r}"
+        return file
+
+    return validate_config(raw, source=source)

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common import StrictModel as _Strict
 
 SITES = ("attn_qkv", "attn_proj", "mlp_fc", "mlp_proj")
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, not silently ignored: a typo in an ablation axis must not run the
-    # wrong experiment.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LinearSpec(_Strict):

@@ -23,16 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from common import StrictModel as _Strict
+from common import format_validation_error
 from distributed.config import (ConfigError, ExperimentConfig, apply_overrides, read_yaml,
                                 validate_config)
 
 BASELINE_NAME = "dense"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class AxisSpec(_Strict):
@@ -137,9 +135,7 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> Ablat
     try:
         return AblationConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(exc, str(path))) from None
 
 
 def variant_name(config: AblationConfig, axes: dict[str, bool]) -> str:

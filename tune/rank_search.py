@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from common import StrictModel as _Strict
+from common import format_validation_error
 from distributed.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml, \
     validate_config
 from tune.analysis import pareto_front
@@ -47,10 +49,6 @@ from tune.wandb_logging import wandb_callbacks
 TUNE_DIR = "tune"
 PARAMS_JSON = "params.json"
 STOPPED = "stopped early"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ParamSpec(_Strict):
@@ -117,9 +115,7 @@ def load_rank_search(path: str | Path, overrides: list[str] | None = None) -> Ra
     try:
         return RankSearchConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(exc, str(path))) from None
 
 
 def _format(value: Any) -> str:
