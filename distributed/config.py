@@ -77,6 +77,13 @@ class DeepSpeedConfig(_Strict):
     # None keeps DeepSpeed's default, 0 partitions everything (tiny test models).
     param_persistence_threshold: int | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer = true needs deepspeed.zero_stage 1, 2 or 3 "
+                             "(ZeRO keeps the optimizer state it offloads); got zero_stage = 0")
+        return self
+
 
 class WandbConfig(_Strict):
     enabled: bool = False
@@ -196,7 +203,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -227,6 +234,13 @@ def validate_config(raw: dict, source: str | Callable[[str, str], str] = "config
             unknown_key_hint="check the spelling against configs/experiments/tiny.yaml")) from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(exc, "problem", None) or str(exc).splitlines()[0])
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -235,7 +249,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

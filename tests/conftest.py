@@ -25,7 +25,8 @@ TINY_TRAINER = {
                  "freeze_embeddings": True, "full_rank_finish": True, "finish_fraction": 0.25,
                  "rewarmup_steps": 1},
     "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "learning_rate": 3e-3,
-              "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5, "checkpoint_interval": 4},
+              "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5, "checkpoint_interval": 4,
+              "log_interval": 1},  # a train record per step: exact-resume tests compare every loss
     # threshold 0: ZeRO-3 partitions even these tiny tensors instead of keeping them whole
     "deepspeed": {"zero_stage": 2, "precision": "fp32", "param_persistence_threshold": 0},
 }

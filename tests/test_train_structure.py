@@ -8,7 +8,8 @@ import torch
 from distributed import checkpoint as ckpt
 from distributed.config import load_config
 from distributed.schedule import build_plan
-from distributed.train import apply_stage, block_seed, config_differences
+from distributed.preflight import config_differences
+from distributed.train import apply_stage, block_seed
 from model import GPT
 
 TINY = Path(__file__).resolve().parents[1] / "configs/experiments/tiny.yaml"
