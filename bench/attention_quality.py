@@ -1,7 +1,11 @@
 """Compressed attention vs full attention on a short tiny run: val loss at equal steps and equal FLOPs,
 the slot diagnostics, and the loss jump when the compressed model is realized to full attention.
 
-    python -m bench.attention_quality [--steps 300] [--finish 60] [--out FILE.json]
+    python -m bench.attention_quality [--steps 200] [--finish 40] [--out FILE.json]
+    # or one variant per process (on a shared machine), then compare:
+    python -m bench.attention_quality --variant full --out full.json &
+    python -m bench.attention_quality --variant compressed --out compressed.json
+    python -m bench.attention_quality --compare full.json compressed.json
 
 One process, plain AdamW over GPT.decay_groups() (the trainer's optimizer groups), the tiny
 experiment's model, data, batch and LR schedule with every linear dense, so the only difference
@@ -76,25 +80,51 @@ def loss_at_flops(curve: list[dict], flops: float) -> float:
     return float(np.interp(math.log(flops), xs, [c["val_loss"] for c in curve]))
 
 
+def compare(results: dict) -> dict:
+    full, comp = results["full"]["curve"], results["compressed"]["curve"]
+    out = {"equal_steps": {"step": comp[-1]["step"], "full": full[-1]["val_loss"],
+                           "compressed": comp[-1]["val_loss"]},
+            "equal_flops": {"flops": comp[-1]["flops"], "compressed": comp[-1]["val_loss"],
+                            "full": loss_at_flops(full, comp[-1]["flops"])}}
+    if "finish" in results["compressed"] and "finish" in results["full"]:
+        out["after_finish"] = {"step": results["full"]["finish"][-1]["step"],
+                               "full": results["full"]["finish"][-1]["val_loss"],
+                               "compressed+finish": results["compressed"]["finish"][-1]["val_loss"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--finish", type=int, default=60, help="full-attention steps after realize")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--finish", type=int, default=40, help="full-attention steps after realize")
+    parser.add_argument("--val-tokens", type=int, default=8192)
+    parser.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
+    parser.add_argument("--compare", nargs=2, metavar=("FULL.json", "COMPRESSED.json"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.compare:
+        results = {}
+        for path in args.compare:
+            with open(path) as f:
+                results |= json.load(f)
+        print(json.dumps(compare(results), indent=1))
+        return 0
+    torch.set_num_threads(1)
     dense = ["approx.attn_qkv={kind: dense}", "approx.attn_proj={kind: dense}",
              "approx.mlp_fc={kind: dense}", "approx.mlp_proj={kind: dense}",
              "schedule.layerwise=false", "schedule.freeze_previous=false", "schedule.full_rank_finish=false"]
     results = {}
-    for name, override in VARIANTS.items():
-        cfg = load_config("configs/experiments/tiny.yaml", dense + ([override] if override else []))
+    for name in args.variant:
+        override = VARIANTS[name]
+        cfg = load_config("configs/experiments/tiny.yaml", dense + ([override] if override else [])
+                          + [f"data.val_tokens={args.val_tokens}"])
         cache = build_token_cache(cfg.data)
         val = validation_batches(cache.val, batch_size=cfg.train.micro_batch_size,
                                  block_size=cfg.model.block_size, num_tokens=cfg.data.val_tokens)
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model)
         started = time.perf_counter()
-        total = args.steps + (args.finish if name == "compressed" else 0)
+        total = args.steps + args.finish  # one LR schedule for both variants, finish included
         curve = train(model, cfg, cache, val, args.steps, total=total)
         result = {"attention": cfg.model.approx.attention.describe(),
                   "core_flops_ratio": core_flops_ratio(model)[0], "curve": curve}
@@ -104,17 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             after = evaluate(model, val)
             result["realize"] = {"before": before, "after": after, "jump": after - before}
             print(json.dumps(result["realize"]), flush=True)
-            if args.finish:
-                result["finish"] = train(model, cfg, cache, val, args.finish, start=args.steps,
-                                         total=total, eval_every=args.finish)
+        if args.finish:  # the full baseline trains on too: same steps, same schedule
+            result["finish"] = train(model, cfg, cache, val, args.finish, start=args.steps,
+                                     total=total, eval_every=args.finish)
         result["seconds"] = time.perf_counter() - started
         results[name] = result
-    full, comp = results["full"]["curve"], results["compressed"]["curve"]
-    results["compare"] = {
-        "equal_steps": {"full": full[-1]["val_loss"], "compressed": comp[-1]["val_loss"]},
-        "equal_flops": {"flops": comp[-1]["flops"], "compressed": comp[-1]["val_loss"],
-                        "full": loss_at_flops(full, comp[-1]["flops"])}}
-    print(json.dumps(results["compare"]))
+    if len(results) == 2:
+        results["compare"] = compare(results)
+        print(json.dumps(results["compare"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
