@@ -55,7 +55,7 @@ class TrainConfig(_Strict):
     checkpoint_interval: int = Field(default=0, ge=0)  # 0: only at stage ends
     keep_checkpoints: int = Field(default=2, ge=2)  # newest complete checkpoints kept on disk
     # torch.compile the model of every stage's engine (DeepSpeed's engine.compile, inductor). Fuses
-    # the elementwise work the FLOPs leave out (GELU, bias, LayerNorm, the Linformer's compression);
+    # the elementwise work the FLOPs leave out (GELU, bias, LayerNorm, compressed attention's pooling);
     # costs one compilation per stage (structure and trainability change at each boundary) plus one
     # for evaluation, so it pays on long stages. Needs a C++ compiler on CPU.
     compile: bool = False

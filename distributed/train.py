@@ -197,7 +197,7 @@ class Trainer:
         self.stage_index = stage.index
         self._log_stage("stage_start", stage)
         if stage.realize:
-            # Realizing makes linformer attention exact: the function changes, so measure it again.
+            # Realizing makes compressed attention exact: the function changes, so measure it again.
             record = self._evaluate("realized", stage)
             if self.report is not None:
                 self.report(record, None)
@@ -306,8 +306,10 @@ class Trainer:
         dist.all_reduce(totals)
         engine.train()
         self.val_loss = (totals[0] / totals[1]).item()
+        # Compressed attention's per-layer slot diagnostics from the last eval forward (this rank's).
+        diagnostics = self.engine.module.attention_diagnostics()
         record = self.log.log("eval", self.step, stage.index, when=when, val_loss=self.val_loss,
-                              tokens=self.tokens, flops=self.flops)
+                              tokens=self.tokens, flops=self.flops, **diagnostics)
         self.log.write(f"step {self.step} stage {stage.index} ({stage.name}) {when}: val_loss {self.val_loss:.4f}")
         return record
 

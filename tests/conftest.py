@@ -19,7 +19,7 @@ TINY_TRAINER = {
     "approx": {"attn_qkv": {"kind": "abba", "r1": 4, "r2": 4},
                "attn_proj": {"kind": "abba", "r1": 4, "r2": 4},
                "mlp_fc": {"kind": "lowrank", "rank": 8}, "mlp_proj": {"kind": "lowrank", "rank": 8},
-               "attention": {"kind": "linformer", "k": 8, "window": 8, "chunk": 16}},
+               "attention": {"kind": "compressed", "slots": 4, "chunk": 8, "window": 4, "allow_costlier": True}},
     "data": {"source": "files", "tokenizer": "byte", "val_fraction": 0.1, "val_tokens": 1024},
     "schedule": {"layerwise": True, "initial_layers": 1, "freeze_previous": True,
                  "freeze_embeddings": True, "full_rank_finish": True, "finish_fraction": 0.25,

@@ -19,7 +19,7 @@ APPROX = {
     "attn_proj": {"kind": "lowrank", "rank": 8},
     "mlp_fc": {"kind": "lowrank", "rank": 8},
     "mlp_proj": {"kind": "abba", "r1": 2, "r2": 3},
-    "attention": {"kind": "linformer", "k": 4, "window": 4, "chunk": 8},
+    "attention": {"kind": "compressed", "slots": 2, "chunk": 8, "window": 4, "allow_costlier": True},
 }
 
 

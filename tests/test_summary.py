@@ -47,7 +47,7 @@ def test_summary_matches_model_accounting_and_dense_equivalent():
     blocks = {int(m.group(1)): m.group(2) for m in re.finditer(r"^block (\d+): (.*)$", out, re.M)}
     assert sorted(blocks) == [0, 1, 2]
     assert "mlp_fc=lowrank(r=32)" in blocks[0] and "mlp_fc=dense" in blocks[1]
-    assert all("attn_qkv=abba(r1=8,r2=8)" in line and "linformer" in line for line in blocks.values())
+    assert all("attn_qkv=abba(r1=8,r2=8)" in line and "compressed(slots=2,chunk=16,window=8) (core 0.630x full causal)" in line for line in blocks.values())
 
 
 def test_bad_override_exits_2_with_the_config_error():

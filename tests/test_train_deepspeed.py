@@ -87,6 +87,12 @@ def test_every_zero_stage_runs_growth_freezing_and_the_full_rank_finish(referenc
     assert {r["step"] for r in evals if r["when"] == "stage_end"} == set(STAGE_ENDS)
     realized = [r for r in evals if r["when"] == "realized"]
     assert len(realized) == 1 and realized[0]["step"] == 9 and realized[0]["stage"] == 3
+    # Compressed attention's slot diagnostics: every block present at the eval, none once realized.
+    before = next(r for r in evals if r["step"] == STAGE_ENDS[2] and r["when"] == "stage_end")
+    assert {k for k in before if k.startswith("attn/")} == {
+        f"attn/{name}/{i}" for name in ("slot_cosine", "slot_mass") for i in range(3)}
+    assert all(0 < before[f"attn/slot_mass/{i}"] < 1 for i in range(3))
+    assert not any(k.startswith("attn/") for k in realized[0])
 
     model, meta = load_final(run_dir)
     assert len(model.transformer.h) == 3 and meta["meta"]["steps"] == 12

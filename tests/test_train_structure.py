@@ -16,7 +16,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs/experiments/tiny.yaml"
 SMALL = ["model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
          "approx.attn_qkv={kind: abba, r1: 4, r2: 4}", "approx.attn_proj={kind: abba, r1: 4, r2: 4}",
          "approx.mlp_fc={kind: lowrank, rank: 8}", "approx.mlp_proj={kind: lowrank, rank: 8}",
-         "approx.attention={kind: linformer, k: 8, window: 8, chunk: 16}",
+         "approx.attention={kind: compressed, slots: 4, chunk: 8, window: 4, allow_costlier: true}",
          "schedule.freeze_embeddings=true", "train.max_steps=12", "train.warmup_steps=2"]
 
 

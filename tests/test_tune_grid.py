@@ -55,7 +55,7 @@ def test_overrides_reach_each_trial_config():
     grid = expand(load_ablation(TINY))
     by_name = {v.name: v for v in grid.variants}
     full = experiment_config(grid.config, TrialSpec(by_name["grow+abba+linformer+lrmlp+freeze+finish"], 7), "/tmp/r")
-    assert full.approx.attn_qkv.kind == "abba" and full.approx.attention.kind == "linformer"
+    assert full.approx.attn_qkv.kind == "abba" and full.approx.attention.kind == "compressed"
     assert full.approx.mlp_fc.kind == "lowrank" and full.schedule.freeze_previous
     assert full.schedule.layerwise and full.schedule.full_rank_finish
     assert full.seed == 7 and full.out_dir == "/tmp/r"

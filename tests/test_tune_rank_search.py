@@ -72,8 +72,8 @@ def test_advisor_seeds_the_first_points_inside_the_space(tmp_path):
             assert spec.low <= value <= spec.high and isinstance(value, int)
         # the rank-3 weight needs at most rank 3; the space's floor is 4
         assert point["approx.mlp_fc.rank"] == config.space["approx.mlp_fc.rank"].low
-        # Linformer k is not a weight's rank: the base experiment's value
-        assert point["approx.attention.k"] == 16
+        # the compressed attention's slots are not a weight's rank: the base experiment's value
+        assert point["approx.attention.slots"] == 2
     with pytest.raises(ConfigError, match="dense baseline"):
         empty = tmp_path / "empty"
         write_json_atomic(empty / EXPERIMENT_JSON, {"trials": []})
@@ -122,9 +122,10 @@ def test_rank_search_on_ray_then_best_yaml_trains(tmp_path):
     micro = ["overrides=[model.n_layer=2, model.n_embd=32, model.n_head=2, model.block_size=32, "
              "train.micro_batch_size=4, train.max_steps=12, train.warmup_steps=2, "
              "train.eval_interval=4, data.val_tokens=1024, deepspeed.zero_stage=0, "
-             "wandb.enabled=false, approx.attention.chunk=16, approx.attention.window=8]",
+             "wandb.enabled=false, approx.attention.chunk=16, approx.attention.window=8, "
+             "approx.attention.allow_costlier=true]",
              "space={approx.mlp_fc.rank: {type: int, low: 2, high: 16, log: true}, "
-             "approx.attention.k: {type: int, low: 2, high: 8}}",
+             "approx.attention.slots: {type: int, low: 2, high: 8}}",
              "search.num_samples=2"]
     result = subprocess.run([sys.executable, "-m", "tune.rank_search", "--config", str(TINY),
                              "--out-dir", str(out), *micro],
