@@ -35,8 +35,18 @@ class ScheduleConfig(_Strict):
     freeze_embeddings: bool = False  # with freeze_previous: also freeze wte/wpe after stage 1
     full_rank_finish: bool = False   # realize every approximation, unfreeze all, train on
     finish_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # share of the token budget
-    stage_weights: list[float] | None = None  # relative length of the growth stages; None: equal
-    rewarmup_steps: int = Field(default=0, ge=0)  # LR re-warm-up after each stage boundary
+    stage_weights: list[float] | None = None  # relative length of the growth stages (then growth_fraction: null)
+    # Blocks are added during the first `growth_fraction` of the steps before the finish (equal
+    # stages); the last growth stage, every block present, trains on for the rest. Equal stages over
+    # the whole run would leave the last block 1/n_layer of the steps, all near min_lr (issue 12).
+    growth_fraction: float | None = Field(default=0.4, gt=0.0, lt=1.0)
+    # The LR's shape over the run (distributed/schedule.py): `cosine` one warm-up + cosine over the
+    # run; `wsd` warm-up, constant, decay over the final `finish_fraction` of the steps (the finish
+    # when there is one); `stage` a warm-up + cosine within every stage.
+    lr_schedule: Literal["cosine", "wsd", "stage"] = "wsd"
+    # Linear LR warm-up over the first steps of a stage for parameters whose optimizer state is new
+    # there (a grown block, realized weights); under `stage` the warm-up of every stage after the first.
+    rewarmup_steps: int = Field(default=0, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -66,6 +76,26 @@ class TrainConfig(_Strict):
             raise ValueError(f"train.min_lr = {self.min_lr} is larger than train.learning_rate = "
                              f"{self.learning_rate}; valid: 0 <= min_lr <= learning_rate")
         return self
+
+
+class LrMultConfig(_Strict):
+    """LR multiplier per parametrization (embeddings and norms: 1). At one LR the first Adam step
+    moves a realized ABBA weight ~0.35x and a low-rank one 0.65-1.1x as far as a dense weight."""
+
+    dense: float = Field(default=1.0, gt=0.0)
+    lowrank: float = Field(default=1.0, gt=0.0)
+    abba: float = Field(default=1.0, gt=0.0)
+    compression: float = Field(default=1.0, gt=0.0)  # compressed attention's own parameters
+
+
+class OptimizerConfig(_Strict):
+    """AdamW's parameter groups (distributed/engine.py): one per (parametrization, decay, new)."""
+
+    lr_mult: LrMultConfig = LrMultConfig()
+    # Weight decay on the factors of W = B A penalises |B|^2 + |A|^2 >= 2 |W|_* (nuclear norm, equal
+    # at the balanced factorisation): a pull towards low rank, not the dense weight's |W|^2. `none`
+    # trains factors without decay.
+    factor_weight_decay: Literal["decay", "none"] = "decay"
 
 
 class DeepSpeedConfig(_Strict):
@@ -109,6 +139,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     wandb: WandbConfig = WandbConfig()
     debug: DebugConfig = DebugConfig()
@@ -160,6 +191,10 @@ class ExperimentConfig(_Strict):
         if s.layerwise and s.initial_layers > self.model.n_layer:
             raise ValueError(f"schedule.initial_layers = {s.initial_layers} is larger than "
                              f"model.n_layer = {self.model.n_layer}")
+        if s.stage_weights is not None and s.growth_fraction is not None:
+            raise ValueError(f"schedule.stage_weights = {s.stage_weights} and schedule.growth_fraction = "
+                             f"{s.growth_fraction} both set the growth stages' lengths; set "
+                             "schedule.growth_fraction=null to use stage_weights")
         if s.stage_weights is not None:
             n_growth = self.model.n_layer - s.initial_layers + 1 if s.layerwise else 1
             if len(s.stage_weights) != n_growth or any(w <= 0 for w in s.stage_weights):

@@ -45,12 +45,14 @@ import yaml
 from data import build_token_cache, get_encoding, train_batch, validation_batches
 from distributed import checkpoint as ckpt
 from distributed.config import ConfigError, ExperimentConfig, load_config
-from distributed.engine import (block_digests, build_engine, compiled_graph_count, destroy_engine,
-                                full_state_dict, init_distributed, optimizer_state_bytes,
-                                quiet_deepspeed_logging, same_on_every_rank, set_learning_rate)
+from distributed.engine import (block_digests, build_engine, carries_optimizer_state, compiled_graph_count,
+                                destroy_engine, full_state_dict, init_distributed, load_optimizer_moments,
+                                optimizer_moments, optimizer_state_bytes, quiet_deepspeed_logging,
+                                same_on_every_rank, set_learning_rate)
 from distributed.metrics import MetricsLogger, peak_memory_bytes
 from distributed.preflight import preflight
-from distributed.schedule import Stage, build_plan, format_plan, learning_rate, tokens_per_step
+from distributed.schedule import (Stage, build_plan, format_budgets, format_plan, learning_rate,
+                                  new_parameter_names, new_parameter_warmup, plan_record, tokens_per_step)
 from model import GPT
 
 # DeepSpeed (imported lazily by distributed/engine.py) picks its accelerator at import time and warns
@@ -152,7 +154,7 @@ class Trainer:
             self.step, self.tokens, self.flops = meta["step"], meta["tokens"], meta["flops"]
             self.stage_index, self.val_loss = meta["stage"], meta.get("val_loss")
             model = ckpt.build_model(cfg, meta["structure"])
-            self._build(model, realized=meta["structure"]["realized"])
+            self._build(model, realized=meta["structure"]["realized"], stage=self.plan[self.stage_index])
             ckpt.load_checkpoint(self.engine, self.run_dir, tag)
             self.last_checkpoint = ckpt.checkpoint_root(self.run_dir) / tag
         else:
@@ -160,32 +162,41 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 model = GPT(cfg.model, n_initial_layers=self.plan[0].n_blocks)
             apply_stage(model, self.plan[0], cfg.seed)
-            self._build(model, realized=self.plan[0].realize)
+            self._build(model, realized=self.plan[0].realize, stage=self.plan[0])
             # The training streams (dropout, ...) differ per rank and are saved with every checkpoint.
             torch.manual_seed(cfg.seed + 1 + self.rank)
             np.random.seed((cfg.seed + 1 + self.rank) % 2**32)
             random.seed(cfg.seed + 1 + self.rank)
+        record = plan_record(cfg, self.plan)  # stages, per-block budgets, the dense baseline's
         self.log.log("run_start", self.step, self.stage_index, world_size=self.world_size,
-                     resumed_from=found[0] if resuming else None, plan=[vars(s) for s in self.plan])
+                     resumed_from=found[0] if resuming else None, plan=record["stages"],
+                     lr_schedule=record["lr_schedule"], blocks=record["blocks"],
+                     dense_lr_integral=record["dense_lr_integral"])
         self.log.write(f"run dir: {self.run_dir}  (world size {self.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                        f"{cfg.deepspeed.precision}, {self.tokens_per_step:,} tokens/step)\n"
-                       + format_plan(self.plan)
+                       + format_plan(self.plan) + "\n" + format_budgets(record)
                        + (f"\nresuming from {found[0]} (step {self.step})" if resuming else ""))
         if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
             self.log.write("train.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks break the "
                            "compiled graph at every module (tens of graphs per stage), so expect little gain")
 
-    def _build(self, model: GPT, realized: bool) -> None:
-        """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine."""
+    def _build(self, model: GPT, realized: bool, stage: Stage) -> None:
+        """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine whose
+        optimizer groups mark the parameters that are new in `stage` (a function of the plan, so a
+        resumed engine has the same groups as the saved one)."""
         self.structure = ckpt.describe_structure(model, realized)
         self.params = model.param_counts()
         self.flops_per_token = model.training_flops_per_token().training
-        self.engine = build_engine(model, self.cfg, self.device)
+        self.new_params = new_parameter_names(self.cfg, self.plan, stage, carries_optimizer_state(self.cfg))
+        self.engine = build_engine(model, self.cfg, self.device, self.new_params)
         self.opt_bytes: int | None = None
         self.graphs_before_stage = compiled_graph_count()
 
     def _enter_stage(self, stage: Stage) -> None:
         """Rebuild for the next stage: gather full weights, drop the engine, mutate a fresh model."""
+        # Adam's moments of the parameters that survive the boundary carry over (no re-warm-up, no
+        # loss spike at the realize); see engine.carries_optimizer_state for where they cannot.
+        moments = optimizer_moments(self.engine) if carries_optimizer_state(self.cfg) else {}
         state = full_state_dict(self.engine)
         destroy_engine(self.engine)
         self.engine = None
@@ -193,9 +204,12 @@ class Trainer:
         model.load_state_dict(state)
         del state
         apply_stage(model, stage, self.cfg.seed)
-        self._build(model, realized=stage.realize)
+        self._build(model, realized=stage.realize, stage=stage)
+        carried = load_optimizer_moments(self.engine, moments, set(moments) - self.new_params)
+        del moments
         self.stage_index = stage.index
-        self._log_stage("stage_start", stage)
+        self._log_stage("stage_start", stage, carried_optimizer_state=carried,
+                        new_parameters=len(self.new_params))
         if stage.realize:
             # Realizing makes compressed attention exact: the function changes, so measure it again.
             record = self._evaluate("realized", stage)
@@ -225,7 +239,7 @@ class Trainer:
         number = self.step + 1
         sync = self._sync_due(number, stage)
         lr = learning_rate(cfg, self.plan, number)
-        set_learning_rate(engine, lr)
+        set_learning_rate(engine, lr, new_parameter_warmup(cfg, self.plan, number))
         engine.train()
         if self.window_started is None:
             self.window_started = time.perf_counter()
@@ -313,11 +327,10 @@ class Trainer:
         self.log.write(f"step {self.step} stage {stage.index} ({stage.name}) {when}: val_loss {self.val_loss:.4f}")
         return record
 
-    def _log_stage(self, event: str, stage: Stage) -> dict:
+    def _log_stage(self, event: str, stage: Stage, **extra) -> dict:
         digests = block_digests(self.engine)
         if not same_on_every_rank(digests):
             raise RuntimeError(f"{event} of stage {stage.index}: model weights differ between ranks")
-        extra = {}
         if event == "stage_end":  # the optimizer state exists once the stage has stepped
             per_rank = [None] * self.world_size
             dist.all_gather_object(per_rank, self.opt_bytes)

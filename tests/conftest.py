@@ -23,7 +23,7 @@ TINY_TRAINER = {
     "data": {"source": "files", "tokenizer": "byte", "val_fraction": 0.1, "val_tokens": 1024},
     "schedule": {"layerwise": True, "initial_layers": 1, "freeze_previous": True,
                  "freeze_embeddings": True, "full_rank_finish": True, "finish_fraction": 0.25,
-                 "rewarmup_steps": 1},
+                 "rewarmup_steps": 1, "growth_fraction": None},
     "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "learning_rate": 3e-3,
               "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5, "checkpoint_interval": 4,
               "log_interval": 1},  # a train record per step: exact-resume tests compare every loss

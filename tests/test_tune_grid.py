@@ -28,7 +28,7 @@ def test_tiny_grid_is_16_variants_plus_the_dense_baseline():
     assert not any(baseline.axes.values())
     grid_variants = grid.variants[1:]
     free = grid.config.free_axes
-    assert set(free) == {"abba_attn", "lowrank_v", "lowrank_mlp", "freeze"}
+    assert set(free) == {"abba_attn", "compressed_attn", "lowrank_mlp", "freeze"}
     # every on/off combination of the four free axes exactly once, fixed axes held on
     combos = {tuple(v.axes[a] for a in free) for v in grid_variants}
     assert combos == set(itertools.product((False, True), repeat=4))
@@ -40,6 +40,18 @@ def test_unfixing_the_finish_axis_gives_32_variants():
     grid = expand(load_ablation(TINY, ["axes.finish.fixed=null"]))
     assert len(grid.variants) == 33  # 32 + baseline
     assert len({v.name for v in grid.variants}) == 33
+
+
+def test_cpu_small_is_the_32_variant_grid_with_the_growth_control():
+    """Issue 12: the seed's 32 variants (4 on/off axes x finish, all grown) and the dense baseline,
+    which differs from the grid's dense `grow` variant in growth alone."""
+    grid = expand(load_ablation(CPU_SMALL))
+    assert len(grid.variants) == 33
+    assert set(grid.config.free_axes) == {"abba_attn", "compressed_attn", "lowrank_mlp", "freeze", "finish"}
+    assert all(v.axes["layerwise"] for v in grid.variants[1:])
+    grow = next(v for v in grid.variants if v.name == "grow")
+    baseline = grid.variants[0]
+    assert {a for a in grow.axes if grow.axes[a] != baseline.axes[a]} == {"layerwise"}
 
 
 def test_variant_names_say_which_approximations_are_on():
@@ -54,7 +66,7 @@ def test_variant_names_say_which_approximations_are_on():
 def test_overrides_reach_each_trial_config():
     grid = expand(load_ablation(TINY))
     by_name = {v.name: v for v in grid.variants}
-    full = experiment_config(grid.config, TrialSpec(by_name["grow+abba+linformer+lrmlp+freeze+finish"], 7), "/tmp/r")
+    full = experiment_config(grid.config, TrialSpec(by_name["grow+abba+compressed+lrmlp+freeze+finish"], 7), "/tmp/r")
     assert full.approx.attn_qkv.kind == "abba" and full.approx.attention.kind == "compressed"
     assert full.approx.mlp_fc.kind == "lowrank" and full.schedule.freeze_previous
     assert full.schedule.layerwise and full.schedule.full_rank_finish

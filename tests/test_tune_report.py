@@ -13,11 +13,11 @@ from tune.results import (EXPERIMENT_JSON, METRICS, OK, RESULTS_CSV, TRIAL_JSON,
                           read_csv, write_json_atomic)
 
 ROOT = Path(__file__).resolve().parents[1]
-AXES = ["abba_attn", "lowrank_v", "lowrank_mlp", "freeze"]
+AXES = ["abba_attn", "compressed_attn", "lowrank_mlp", "freeze"]
 # Known truth: additive effects, one interaction, FLOPs savings.
-EFFECT = {"abba_attn": 0.10, "lowrank_v": 0.02, "lowrank_mlp": 0.30, "freeze": -0.05}
+EFFECT = {"abba_attn": 0.10, "compressed_attn": 0.02, "lowrank_mlp": 0.30, "freeze": -0.05}
 INTERACTION = ("abba_attn", "lowrank_mlp", 0.04)   # extra loss when both are on
-FLOPS_SAVING = {"abba_attn": 0.2, "lowrank_v": 0.1, "lowrank_mlp": 0.3, "freeze": 0.25}
+FLOPS_SAVING = {"abba_attn": 0.2, "compressed_attn": 0.1, "lowrank_mlp": 0.3, "freeze": 0.25}
 
 
 def true_loss(axes: dict[str, bool]) -> float:
@@ -99,10 +99,10 @@ def test_main_effects_interactions_and_leave_one_out_recover_the_truth(tmp_path)
     assert pairs[f"{a} x {b}"].d_loss == pytest.approx(extra / 2, abs=1e-9)
     assert all(e.d_loss == pytest.approx(0.0, abs=1e-9) for n, e in pairs.items() if n != f"{a} x {b}")
     top, loo = analysis.leave_one_out(stats, AXES, noise)
-    assert top == "grow+abba+linformer+lrmlp+freeze+finish"
+    assert top == "grow+abba+compressed+lrmlp+freeze+finish"
     loo = {e.name: e for e in loo}
     assert loo["lowrank_mlp"].d_loss == pytest.approx(EFFECT["lowrank_mlp"] + extra, abs=1e-9)
-    assert loo["lowrank_v"].d_loss == pytest.approx(EFFECT["lowrank_v"], abs=1e-9)
+    assert loo["compressed_attn"].d_loss == pytest.approx(EFFECT["compressed_attn"], abs=1e-9)
     # no noise at all: the high-order interactions are exactly zero, nothing is "within noise"
     assert noise.sigma == pytest.approx(0.0, abs=1e-9)
 
@@ -113,7 +113,7 @@ def test_noise_from_seeds_flags_small_effects(tmp_path):
     assert "seeds" in noise.source and 0.1 < noise.sigma < 0.2
     main = {e.name: e for e in analysis.main_effects(stats, AXES, noise)}
     assert main["lowrank_mlp"].within_noise is False   # 0.3 >> noise
-    assert main["lowrank_v"].within_noise is True       # 0.02 << 2 SE (~0.09)
+    assert main["compressed_attn"].within_noise is True       # 0.02 << 2 SE (~0.09)
     by_name = {s.name: s for s in stats}
     assert all(s.n == 3 and s.loss_std > 0 for s in by_name.values() if not s.baseline)
 
@@ -152,8 +152,8 @@ def test_report_rebuilds_from_logged_files_alone(tmp_path, capsys):
     assert len(rows) == 17
     by_trial = {f"{r['variant']}_s{r['seed']}": r for r in rows}
     assert by_trial[failed]["status"] == "error"
-    full = by_trial["grow+abba+linformer+lrmlp+freeze+finish_s0"]
-    assert full["axes"] == {"layerwise": True, "abba_attn": True, "lowrank_v": True,
+    full = by_trial["grow+abba+compressed+lrmlp+freeze+finish_s0"]
+    assert full["axes"] == {"layerwise": True, "abba_attn": True, "compressed_attn": True,
                             "lowrank_mlp": True, "freeze": True, "finish": True}
     # before-finish loss is the last eval before the model was realized
     assert full["val_loss_before_finish"] == pytest.approx(full["final_val_loss"] + 0.5 + 0.03)
