@@ -278,7 +278,8 @@ def metric_section(result: MetricResult, design: Design, n_seeds: int) -> list[s
               "Each approximation switched on alone in the control configuration (Δ > 0: worse).", "",
               "| approximation | variant | Δ loss [95% CI] | significance |", "|---|---|---|---|"]
     for axis, a in result.effects.items():
-        lines.append(f"| {axis} | +{axis} | {est(a.simple)} | {verdict(a.simple)} |")
+        variant = next((v for v, w in a.simple.weights.items() if w > 0), "n/a")
+        lines.append(f"| {axis} | {variant} | {est(a.simple)} | {verdict(a.simple)} |")
     lines += ["", "### Conditional effects", "",
               "The effect of each approximation with one other approximation off / on, averaged over "
               "the rest of the grid.", "", "| approximation | given | off: Δ loss [95% CI] | on: Δ loss [95% CI] |",
