@@ -359,8 +359,9 @@ def plot_effects(result: MetricResult, design: Design, path: Path) -> None:
         if attr == "main":
             for bar, a in zip(bars, names):
                 if result.effects[a].interaction_dominated:
+                    bar.set_facecolor("lightgray")
+                    bar.set_edgecolor("black")
                     bar.set_hatch("//")
-                    bar.set_color("tab:gray")
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(f"Δ {result.loss_column}")
