@@ -120,6 +120,8 @@ def test_frontier_points_are_the_dense_baseline_with_its_own_shorter_schedule():
         load_ablation(TINY, ["frontier.budgets=[0.5, 1.0]"])
     with pytest.raises(ConfigError, match="duplicates"):
         load_ablation(TINY, ["frontier.budgets=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match=r"dense@0\.5, dense@0\.501 all train 150 steps"):
+        validate_grid(expand(load_ablation(TINY, ["frontier.budgets=[0.5, 0.501]"])))
 
 
 def test_report_control_must_name_a_variant_of_the_grid():

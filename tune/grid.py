@@ -221,12 +221,19 @@ def experiment_config(config: AblationConfig, trial: TrialSpec, run_dir: str | P
 
 def validate_grid(grid: Grid) -> None:
     """Build every variant's config once (seed-independent), so mistakes surface before Ray starts."""
-    errors = []
+    errors, frontier_steps = [], {}
     for variant in grid.variants:
         try:
-            experiment_config(grid.config, TrialSpec(variant, grid.config.seeds[0]), "unused")
+            cfg = experiment_config(grid.config, TrialSpec(variant, grid.config.seeds[0]), "unused")
         except ConfigError as exc:
             errors.append(str(exc))
+            continue
+        if variant.budget != 1.0 or variant.baseline:
+            frontier_steps.setdefault(cfg.train.max_steps, []).append(variant.name)
+    for steps, names in frontier_steps.items():
+        if len(names) > 1:
+            errors.append(f"frontier.budgets: {', '.join(names)} all train {steps} steps; valid: "
+                          "budgets that differ by at least one step of train.max_steps")
     if errors:
         raise ConfigError("\n".join(errors))
 
