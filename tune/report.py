@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -60,7 +60,6 @@ class Design:
     operating_point: str | None
     frontier: list[str]                   # the dense points (budget < 1, and the full dense baseline)
     baseline: str | None
-    notes: list[str] = field(default_factory=list)
 
 
 def design_of(spec: dict) -> Design:
@@ -254,7 +253,7 @@ def cell_table(rows: list[dict], result: MetricResult, by_metric: dict[str, Metr
     return lines
 
 
-def metric_section(result: MetricResult, design: Design, n_seeds: int) -> list[str]:
+def metric_section(result: MetricResult, design: Design) -> list[str]:
     lines = [f"## {TITLES[result.name]} (`{result.loss_column}`)", "", f"*Question:* {QUESTIONS[result.name]}", ""]
     lines += [f"- warning: {w}" for w in result.warnings]
     if result.warnings:
@@ -462,7 +461,7 @@ def build(experiment_dir: str | Path) -> str:
                   "*peak trainable* count the approximated model; *min block LR ratio*: the "
                   "least-trained block's LR integral over a dense block's.", "", *table, ""]
         for result in results.values():
-            lines += metric_section(result, design, n_seeds)
+            lines += metric_section(result, design)
     else:
         table = ["(no finished trial)"]
     failed = [r for r in rows if r["status"] != OK]

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as sps
 
-CONFIDENCE = 0.95
-ALPHA = 1.0 - CONFIDENCE
+ALPHA = 0.05
+CONFIDENCE = 1.0 - ALPHA   # two-sided intervals
 ONE_SEED = "no effect can be called significant with one seed"
 NOT_ALONE = "main effect not interpretable alone; see conditional effects"
 
