@@ -28,10 +28,10 @@ MICRO = ["overrides=[model.n_layer=2, model.n_embd=32, model.n_head=2, model.blo
          "train.micro_batch_size=4, train.max_steps=20, train.warmup_steps=2, "
          "train.eval_interval=4, train.checkpoint_interval=4, data.val_tokens=1024, "
          "deepspeed.zero_stage=0, wandb.enabled=false]"]
-# Every axis fixed, low-rank MLP on (with a rank that fits the micro model): the grid is the dense
-# baseline + one variant, two trials at once.
-TWO_TRIALS = ["axes.abba_attn.fixed=false", "axes.lowrank_v.fixed=false", "axes.freeze.fixed=false",
-              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2"]
+# Every axis fixed, low-rank MLP on (with a rank that fits the micro model), no dense frontier: the
+# grid is the dense baseline + one variant, two trials at once.
+TWO_TRIALS = ["axes.abba_attn.fixed=false", "axes.compressed_attn.fixed=false", "axes.freeze.fixed=false",
+              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2", "frontier.budgets=[]"]
 LOWRANK_MLP = ("axes.lowrank_mlp.when_on=[\"approx.mlp_fc={kind: lowrank, rank: 8}\", "
                "\"approx.mlp_proj={kind: lowrank, rank: 8}\"")
 
@@ -149,6 +149,11 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
         assert {r["variant"] for r in rows} == {"dense", "grow+lrmlp+finish"}
         assert all(r["status"] == "ok" and r["seed"] == 7 and r["final_val_loss"] > 0 for r in rows)
         assert (out / "report.md").is_file()
+        summary = json.loads((out / "report.json").read_text())
+        assert summary["n_seeds"] == 1 and summary["control"] == "grow+lrmlp+finish"
+        final = summary["metrics"]["final"]
+        assert final["cells"]["dense"]["loss_mean"] == pytest.approx(
+            next(r["final_val_loss"] for r in rows if r["variant"] == "dense"), rel=1e-12)
         # One complete offline wandb run per trial, grouped by experiment, configured with the
         # trial's variant and seed, whose history is every evaluation the trainer logged.
         runs = {r["name"]: r for r in map(read_offline_run, (out / "wandb").rglob("offline-run-*/*.wandb"))}
