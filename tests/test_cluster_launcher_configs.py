@@ -2,6 +2,7 @@
 `ray up` runs before it touches a cloud), so a typo in cluster/ray-*.yaml fails here, not on a cluster."""
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -100,3 +101,20 @@ def test_a_head_type_that_does_not_exist_is_rejected():
     raw["head_node_type"] = "head_gpu"
     with pytest.raises(ValueError, match="head_node_type"):
         ray_up_validation(raw)
+
+
+LAUNCH_FILES = sorted([*CLUSTER.glob("*.yaml"), *CLUSTER.glob("*.sh"), *CLUSTER.glob("*.sbatch"),
+                       CLUSTER.parent / "Makefile"])
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_every_ray_head_binds_its_dashboard_to_loopback(path):
+    """The dashboard serves the job API (code execution): 127.0.0.1 serves every documented access
+    route (`ray dashboard`'s SSH tunnel, `ssh -L`), so no launch file exposes it on the network."""
+    text = path.read_text()
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", text)
+    assert all(h.strip("'\"") == "127.0.0.1" for h in hosts), f"{path.name}: {hosts}"
+    # every head a file starts names the host (Ray's own default has changed between versions)
+    heads = [m.start() for m in re.finditer(r"ray start\s+--head", text)]
+    assert len(hosts) >= len(heads), f"{path.name}: a `ray start --head` without --dashboard-host"
+    assert "0.0.0.0" not in text, f"{path.name} binds something to every interface"
