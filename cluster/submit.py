@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.validate import ValidationFailed, validate
+
 REPO = Path(__file__).resolve().parents[1]
 NCCL_ENV = REPO / "cluster" / "nccl.env"
 DEFAULT_SHARED_DIR = "/mnt/shared"
@@ -113,25 +115,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def load_experiment_name(kind: str, config: str, overrides: list[str]) -> str:
     """Validate the config with the code the job will run; return its name."""
-    path = Path(config)
-    if not path.is_file():
-        raise SubmitError(f"config {config!r} does not exist (see configs/ablation/ and "
-                          "configs/rank_search/)")
-    from distributed.config import ConfigError
-
     try:
-        if kind == "ablation":
-            from tune.grid import expand, load_ablation, validate_grid
-
-            ablation = load_ablation(path, overrides)
-            validate_grid(expand(ablation))
-            return ablation.name
-        from tune.rank_search import check_space, load_rank_search
-
-        search = load_rank_search(path, overrides)
-        check_space(search)
-        return search.name
-    except ConfigError as exc:
+        return validate(kind, config, overrides)
+    except ValidationFailed as exc:
         raise SubmitError(str(exc)) from None
 
 
@@ -150,6 +136,9 @@ def parse_env(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):   # the value may be a secret: never shown
+            raise SubmitError(f"--env {key!r}=...: {key!r} is not a variable name (letters, digits, _; "
+                              "e.g. --env WANDB_API_KEY)")
         if not sep:  # --env KEY: forward this shell's value (e.g. WANDB_API_KEY)
             if key not in os.environ:
                 raise SubmitError(f"--env {key}: not set in this shell; use --env {key}=VALUE")

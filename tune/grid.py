@@ -196,6 +196,9 @@ def validate_grid(grid: Grid) -> None:
             experiment_config(grid.config, TrialSpec(variant, grid.config.seeds[0]), "unused")
         except ConfigError as exc:
             errors.append(str(exc))
+    errors = list(dict.fromkeys(errors))   # a bad base config fails every variant the same way
+    if len(errors) > 3:
+        errors = errors[:3] + [f"(and {len(errors) - 3} more variants fail)"]
     if errors:
         raise ConfigError("\n".join(errors))
 

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tune import analysis  # noqa: E402
 from tune.results import (EXPERIMENT_JSON, OK, RESULTS_CSV, TRIALS, collect, evaluations,  # noqa: E402
-                          read_json, read_metrics, write_csv)
+                          read_experiment, read_json, read_metrics, write_csv)
 
 # The dense baseline must end this far below the unigram entropy for the comparison to mean
 # something (a model that only learned token frequencies sits at the entropy).
@@ -215,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment_dir")
     args = parser.parse_args(argv)
-    if not (Path(args.experiment_dir) / EXPERIMENT_JSON).is_file():
-        print(f"error: {args.experiment_dir} has no {EXPERIMENT_JSON}; is it an ablation's "
-              "experiment directory (its out_dir)?", file=sys.stderr)
+    try:
+        read_experiment(args.experiment_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     table = build(args.experiment_dir)
     print(table)
