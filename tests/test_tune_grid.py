@@ -174,3 +174,48 @@ def test_wandb_is_offline_without_a_key(monkeypatch, tmp_path):
     assert callback.kwargs["mode"] == "offline" and callback.project == "approxgpt-ablation"
     assert (tmp_path / "wandb").is_dir()
     assert wandb_callbacks(load_ablation(TINY).wandb, "x", tmp_path) == []
+
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("model", "data", "distributed", "tune", "cluster", "bench")
+
+
+def private_imports(source: str) -> list[str]:
+    """Imports of private Ray/DeepSpeed modules or names (`ray.train._internal`, `_WandbLoggingActor`),
+    and attribute chains into them (`ray._private.state`), in one file's source."""
+    import ast
+
+    def private(dotted: str) -> bool:
+        parts = dotted.split(".")
+        return parts[0] in ("ray", "deepspeed") and any(p.startswith("_") for p in parts[1:])
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if private(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [f"{node.module}.{a.name}" for a in node.names if private(f"{node.module}.{a.name}")]
+        elif isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and private(".".join([inner.id, *reversed(chain)])):
+                found.append(".".join([inner.id, *reversed(chain)]))
+    return found
+
+
+def test_no_private_ray_or_deepspeed_internals_in_the_project():
+    """A Ray rename must not silently break (or silently disable) anything: the project uses only
+    public Ray/DeepSpeed API. The scanner itself is checked on the imports that used to be here."""
+    assert private_imports("from ray.train._internal.session import get_session") \
+        == ["ray.train._internal.session.get_session"]
+    assert private_imports("from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor") \
+        == ["ray.air.integrations.wandb._WandbLoggingActor"]
+    assert private_imports("import ray\nray._private.state.state.get_draining_nodes()")
+    assert private_imports("import ray.train\nray.train.get_preemption_info()") == []
+    offenders = {str(path.relative_to(REPO)): found for package in PROJECT_PACKAGES
+                 for path in sorted((REPO / package).rglob("*.py"))
+                 if (found := private_imports(path.read_text()))}
+    assert offenders == {}
+

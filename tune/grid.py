@@ -230,6 +230,9 @@ def validate_grid(grid: Grid) -> None:
         if len(names) > 1:
             errors.append(f"frontier.budgets: {', '.join(names)} all train {steps} steps; valid: "
                           "budgets that differ by at least one step of train.max_steps")
+    errors = list(dict.fromkeys(errors))   # a bad base config fails every variant the same way
+    if len(errors) > 3:
+        errors = errors[:3] + [f"(and {len(errors) - 3} more variants fail)"]
     if errors:
         raise ConfigError("\n".join(errors))
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 # nanoGPT state-dict name of each approximable linear site.
 SITE_KEYS = {"attn_qkv": "attn.c_attn.weight", "attn_proj": "attn.c_proj.weight",
@@ -154,10 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the spectral energy to keep (default 0.9)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if not 0 < args.share <= 1:
+        print(f"error: --share must be in (0, 1], got {args.share}", file=sys.stderr)
+        return 2
     try:
         ranks, suggestion = advise(args.path, args.share)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SafetensorError, KeyError, RuntimeError, OSError) as exc:
+        # a garbage or truncated model.safetensors, a config.json without its sections
+        print(f"error: {args.path}: cannot read the final model ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else exc!r})", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"share": args.share, "weights": [asdict(w) for w in ranks],

@@ -65,6 +65,8 @@ class ParamSpec(_Strict):
                 raise ValueError("a categorical parameter needs `choices`")
         elif self.low is None or self.high is None or self.low > self.high:
             raise ValueError(f"needs low <= high (got low={self.low}, high={self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got low={self.low})")
         return self
 
 

@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 
 from tune import analysis, frontier as frontier_mod, stats  # noqa: E402
 from tune.results import (EXPERIMENT_JSON, METRIC_POINTS, OK, RESULTS_CSV, TRIALS, collect,  # noqa: E402
-                          evaluations, read_json, read_metrics, write_csv, write_json_atomic)
+                          evaluations, read_experiment, read_json, read_metrics, write_csv,
+                          write_json_atomic)
 
 REPORT_JSON = "report.json"
 PRIMARY = "final"
@@ -494,9 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment_dir")
     args = parser.parse_args(argv)
-    if not (Path(args.experiment_dir) / EXPERIMENT_JSON).is_file():
-        print(f"error: {args.experiment_dir} has no {EXPERIMENT_JSON}; is it an ablation's "
-              "experiment directory (its out_dir)?", file=sys.stderr)
+    try:
+        read_experiment(args.experiment_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     table = build(args.experiment_dir)
     print(table)

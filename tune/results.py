@@ -58,6 +58,33 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+# What the report needs from experiment.json (tune.grid.experiment_record writes it).
+EXPERIMENT_KEYS = ("name", "experiment", "seeds", "axes", "free_axes", "fixed_axes", "variants", "trials")
+TRIAL_KEYS = ("trial_name", "variant", "seed")
+
+
+def read_experiment(experiment_dir: str | Path) -> dict:
+    """experiment.json, checked: FileNotFoundError / ValueError naming the file and what is wrong."""
+    path = Path(experiment_dir) / EXPERIMENT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{experiment_dir} has no {EXPERIMENT_JSON}; is it an ablation's "
+                                "experiment directory (its out_dir)?")
+    rewrite = "`python -m tune.ablation` with the same config rewrites it"
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); {rewrite}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(spec).__name__}; {rewrite}")
+    missing = [key for key in EXPERIMENT_KEYS if key not in spec]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (a partial file?); {rewrite}")
+    for i, trial in enumerate(spec["trials"] if isinstance(spec["trials"], list) else [None]):
+        if not isinstance(trial, dict) or any(key not in trial for key in TRIAL_KEYS):
+            raise ValueError(f"{path}: trials[{i}] = {trial!r} needs {', '.join(TRIAL_KEYS)}; {rewrite}")
+    return spec
+
+
 def trial_dir(experiment_dir: str | Path, trial_name: str) -> Path:
     return Path(experiment_dir).resolve() / TRIALS / trial_name
 
