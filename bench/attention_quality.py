@@ -46,7 +46,7 @@ def evaluate(model: GPT, batches) -> float:
 
 
 def train(model: GPT, cfg, cache, val, steps: int, start: int = 0, total: int | None = None,
-          eval_every: int = 50) -> list[dict]:
+          eval_every: int = 50, flops: int = 0) -> list[dict]:
     t = cfg.train
     total = total or steps
     decay, no_decay = model.decay_groups()
@@ -66,7 +66,7 @@ def train(model: GPT, cfg, cache, val, steps: int, start: int = 0, total: int | 
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         if (step + 1) % eval_every == 0 or step + 1 == start + steps:
-            previous = curve[-1]["flops"] if curve else 0
+            previous = curve[-1]["flops"] if curve else flops
             done = step + 1 - (curve[-1]["step"] if curve else start)
             curve.append({"step": step + 1, "flops": previous + done * flops_per_step,
                           "val_loss": evaluate(model, val), **model.attention_diagnostics()})
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
     parser.add_argument("--compare", nargs=2, metavar=("FULL.json", "COMPRESSED.json"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--save", default=None, help="state dict of the compressed model before realize")
     args = parser.parse_args(argv)
     if args.compare:
         results = {}
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"attention": cfg.model.approx.attention.describe(),
                   "core_flops_ratio": core_flops_ratio(model)[0], "curve": curve}
         if name == "compressed":
+            if args.save:
+                torch.save(model.state_dict(), args.save)
             before = curve[-1]["val_loss"]
             model.realize()
             after = evaluate(model, val)
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result["realize"]), flush=True)
         if args.finish:  # the full baseline trains on too: same steps, same schedule
             result["finish"] = train(model, cfg, cache, val, args.finish, start=args.steps,
-                                     total=total, eval_every=args.finish)
+                                     total=total, eval_every=args.finish, flops=curve[-1]["flops"])
         result["seconds"] = time.perf_counter() - started
         results[name] = result
     if len(results) == 2:

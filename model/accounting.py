@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from model.config import SITES
-from model.kinds import ATTENTION_KINDS
+from model.kinds import full_attention_flops
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,12 @@ def core_flops_ratio(model: nn.Module, seq_len: int | None = None) -> list[float
     """Per block: forward FLOPs of its attention core over full causal attention's at seq_len."""
     config = model.config
     seq_len = config.block_size if seq_len is None else seq_len
-    full = ATTENTION_KINDS["full"].forward_flops(None, seq_len, config.n_embd, config.n_head)
+    full = full_attention_flops(seq_len, config.n_embd)
     out = []
     for block in model.transformer.h:
         spec = block.approx.attention
         core = spec.of_kind.forward_flops(spec, seq_len, config.n_embd, config.n_head)
-        out.append((core.projection + core.activation) / full.activation)
+        out.append((core.projection + core.activation) / full)
     return out
 
 

@@ -46,10 +46,9 @@ def earliest_leak(module, x) -> int | None:
     return None
 
 
-# (T, slots, chunk, window): T a multiple of chunk or not, window 0 / inside / beyond a chunk,
-# one slot or several, chunk >= T (no slots at all).
-SETTINGS = [(13, 3, 4, 0), (13, 2, 4, 5), (16, 4, 8, 3), (7, 2, 7, 0), (5, 3, 8, 2), (23, 4, 5, 4),
-            (11, 1, 2, 1)]
+# (T, slots, chunk, window): T a multiple of chunk or not, window 0 / inside / beyond a chunk, one
+# slot or several (chunk >= T, no slots at all: test_compressed_with_one_chunk_is_full_causal_attention).
+SETTINGS = [(13, 3, 4, 0), (13, 2, 4, 5), (16, 4, 8, 3), (23, 4, 5, 4), (11, 1, 2, 1)]
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -66,7 +65,7 @@ def test_full_attention_is_causal(train):
     assert earliest_leak(module, torch.randn(2, 13, N_EMBD, dtype=torch.double)) is None
 
 
-@pytest.mark.parametrize("T,slots,chunk,window,train", [(9, 2, 3, 1, False), (8, 1, 2, 3, True)])
+@pytest.mark.parametrize("T,slots,chunk,window,train", [(7, 2, 2, 1, False), (8, 1, 2, 3, True)])
 def test_compressed_jacobian_is_exactly_zero_above_the_diagonal(T, slots, chunk, window, train):
     module = attention_module(compressed(slots, chunk, window), dropout=0.3 if train else 0.0).train(train)
     x = torch.randn(1, T, N_EMBD, dtype=torch.double)
