@@ -202,7 +202,7 @@ def _records(run_dir: Path) -> list[dict]:
     return out
 
 
-def _wait_for(what: str, condition, driver: subprocess.Popen, timeout: float = 180):
+def _wait_for(what: str, condition, driver: subprocess.Popen, timeout: float = 400):
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = condition()
