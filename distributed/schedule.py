@@ -217,11 +217,12 @@ def _cosine(it: int, start: int, length: int, peak: float, floor: float) -> floa
     return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
 
 
-def decay_steps(cfg: ExperimentConfig) -> int:
+def decay_steps(cfg: ExperimentConfig, plan: list[Stage]) -> int:
     """Length of wsd's final decay: the finish's steps when there is one, else the same share of the
-    run (so a variant and its dense baseline decay over the same steps)."""
-    t, s = cfg.train, cfg.schedule
-    return max(1, min(round(s.finish_fraction * t.max_steps), t.max_steps - t.warmup_steps))
+    run (so a variant and its dense baseline decay over the same steps); never into the warm-up."""
+    t = cfg.train
+    length = plan[-1].steps if plan[-1].realize else round(cfg.schedule.finish_fraction * t.max_steps)
+    return max(1, min(length, t.max_steps - t.warmup_steps))
 
 
 def learning_rate(cfg: ExperimentConfig, plan: list[Stage], step: int) -> float:
@@ -248,7 +249,7 @@ def learning_rate(cfg: ExperimentConfig, plan: list[Stage], step: int) -> float:
         return t.learning_rate * (it + 1) / (t.warmup_steps + 1)
     if kind == "cosine":
         return _cosine(it, t.warmup_steps, t.max_steps - t.warmup_steps, t.learning_rate, t.min_lr)
-    length = decay_steps(cfg)
+    length = decay_steps(cfg, plan)
     into = it - (t.max_steps - length)  # 0 on the decay's first step, length - 1 on the run's last
     if into < 0:
         return t.learning_rate

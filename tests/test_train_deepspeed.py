@@ -73,6 +73,20 @@ def test_every_zero_stage_runs_growth_freezing_and_the_full_rank_finish(referenc
     assert [r["structure"]["realized"] for r in ends] == [False, False, False, True]
     assert all(r["weights_identical_across_ranks"] for r in ends)
 
+    # The run_start record carries the per-block LR budget (issue 12, contract item 2).
+    start = read_metrics(run_dir, "run_start")[0]
+    assert start["lr_schedule"] == "wsd" and start["dense_lr_integral"] > 0
+    assert [b["index"] for b in start["blocks"]] == [0, 1, 2]
+    assert [b["steps_trained"] for b in start["blocks"]] == [6, 6, 6]  # own stage + the finish
+    lrs = {r["step"]: r["lr"] for r in train}
+    assert start["blocks"][0]["lr_integral"] == pytest.approx(sum(lrs[s] for s in (1, 2, 3, 10, 11, 12)))
+    # Adam's moments of the parameters that survive a boundary carry over without ZeRO: ln_f at
+    # the growth boundaries (block 0, the embeddings, then block 1 freeze); at the realize also
+    # block 2's norms and biases (its factorised weights become new dense ones). ZeRO 1-3 start fresh.
+    starts = read_metrics(run_dir, "stage_start")
+    assert [r["carried_optimizer_state"] for r in starts] == ([2, 2, 10] if zero == 0 else [0, 0, 0])
+    assert all(r["new_parameters"] > 0 for r in starts)
+
     # Frozen weights stay bit-identical: block 0 and the embeddings freeze after stage 0 ...
     digests = [r["block_digests"] for r in ends]
     assert digests[0]["0"] == digests[1]["0"] == digests[2]["0"]
@@ -180,12 +194,12 @@ def test_zero_to_fp32_consolidates_our_checkpoints(reference_runs, zero):
 
 @pytest.fixture(scope="module")
 def resumed_runs(tiny_trainer_config, tmp_path_factory):
-    """For ZeRO-2 and ZeRO-3: killed mid-stage (rank 1 SIGKILLs itself after step 5; the newest
+    """For ZeRO-0 (Adam's moments carried across stage boundaries) and ZeRO-3: killed mid-stage (rank 1 SIGKILLs itself after step 5; the newest
     checkpoint is step 4, one step into stage 1), resumed and killed again right after a stage
     boundary (rank 0, after step 7, the first step of stage 2: the newest checkpoint is the stage-1
     end at step 6), resumed to the end."""
     runs = {}
-    for zero in (2, 3):
+    for zero in (0, 3):
         run_dir = tmp_path_factory.mktemp(f"resume-zero{zero}") / "run"
         z = f"deepspeed.zero_stage={zero}"
         first = launch_trainer(tiny_trainer_config, run_dir, z, "debug.kill_at_step=5", "debug.kill_rank=1")
@@ -197,7 +211,7 @@ def resumed_runs(tiny_trainer_config, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [0, 3])
 def test_resume_after_sigkill_repeats_the_uninterrupted_losses(reference_runs, resumed_runs, zero):
     run_dir, (first, second, third), latest = resumed_runs[zero]
     assert first.returncode != 0 and second.returncode != 0
@@ -218,7 +232,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(reference_runs, r
     assert all(torch.allclose(final[k], expected[k], atol=1e-6, rtol=0) for k in expected)
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [0, 3])
 def test_checkpoints_keep_the_newest_complete_tags(resumed_runs, zero):
     run_dir, _, _ = resumed_runs[zero]
     root = ckpt.checkpoint_root(run_dir)
