@@ -126,46 +126,6 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class ParamRole:
-    parametrization: str   # "dense", "lowrank", "abba", "compression", "embedding", "norm"
-    factor: bool           # a factor of a factorised weight: optimizer.factor_weight_decay applies
-    decay: bool            # weight-decayed under the default policy
-
-
-def parameter_roles(model: nn.Module) -> dict[str, ParamRole]:
-    """Each named parameter's role. The model's own `GPT.parameter_roles()` (cross-branch contract
-    item 1) when it has one; else the FALLBACK below -- the only isinstance switch on model classes
-    in distributed/, to be deleted once model/ provides the method."""
-    if hasattr(model, "parameter_roles"):
-        return model.parameter_roles()
-    from model.attention import CausalLinformerAttention
-    from model.gpt import LayerNorm
-    from model.linear import ABBALinear, LowRankLinear
-
-    names = dict(model.named_parameters())  # tied weights once, under their first name
-    roles: dict[str, ParamRole] = {}
-    for prefix, module in model.named_modules():
-        for short, _ in module.named_parameters(recurse=False):
-            name = f"{prefix}.{short}" if prefix else short
-            if name not in names:
-                continue
-            if isinstance(module, (LowRankLinear, ABBALinear)):
-                kind = "lowrank" if isinstance(module, LowRankLinear) else "abba"
-                roles[name] = ParamRole(kind, factor=short != "bias", decay=short != "bias")
-            elif isinstance(module, CausalLinformerAttention):
-                roles[name] = ParamRole("compression", factor=False, decay=False)
-            elif isinstance(module, nn.Embedding):
-                roles[name] = ParamRole("embedding", factor=False, decay=True)
-            elif isinstance(module, LayerNorm):
-                roles[name] = ParamRole("norm", factor=False, decay=False)
-            elif isinstance(module, nn.Linear):
-                roles[name] = ParamRole("dense", factor=False, decay=short == "weight")
-            else:
-                raise TypeError(f"parameter {name}: no optimizer role for {type(module).__name__}")
-    return roles
-
-
 def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig,
                            new: frozenset[str] = frozenset()) -> list[dict]:
     """AdamW groups over the trainable parameters, one per (parametrization, decayed, new):
@@ -174,7 +134,7 @@ def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig,
     `new` for parameters whose Adam moments start in this stage (they get the warm-up). Groups and
     their order are a function of the model and `new`, so a resumed engine matches the saved one."""
     opt, wd = cfg.optimizer, cfg.train.weight_decay
-    roles = parameter_roles(model)
+    roles = model.parameter_roles()  # what each approximation kind says of its parameters
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

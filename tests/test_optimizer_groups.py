@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed.config import load_config
-from distributed.engine import optimizer_param_groups, parameter_roles, set_learning_rate
+from distributed.engine import optimizer_param_groups, set_learning_rate
 from model import GPT
 
 TINY = Path(__file__).resolve().parents[1] / "configs/experiments/tiny.yaml"
@@ -44,7 +44,7 @@ def test_groups_decay_what_the_role_decays_at_the_parametrizations_lr(factor_dec
             assert group["weight_decay"] == wd
         assert group["lr_mult"] == expected_mult.get(group["role"], 1.0), name
     assert {g["role"] for g in by_name.values()} == {"embedding", "norm", "abba", "lowrank", "compression"}
-    roles = parameter_roles(model)
+    roles = model.parameter_roles()
     assert set(roles) == {n for n, _ in model.named_parameters()}
 
 
