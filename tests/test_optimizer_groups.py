@@ -34,8 +34,9 @@ def test_groups_decay_what_the_role_decays_at_the_parametrizations_lr(factor_dec
     expected_mult = {"abba": 3.0, "lowrank": 1.5, "compression": 0.5}
     for name, group in by_name.items():
         short = name.rsplit(".", 1)[1]
-        if ".attn.core." in name:                  # the compressed attention's projections
-            assert group["weight_decay"] == 0.0 and group["role"] == "compression"
+        if ".attn.core." in name:                  # the compression projection and its DualLN norm
+            assert group["weight_decay"] == 0.0
+            assert group["role"] == ("compression" if short == "w_p" else "norm"), name
         elif short == "bias" or ".ln_" in name:    # biases and norms never decay
             assert group["weight_decay"] == 0.0
         elif short in ("a", "b", "a1", "b1", "a2", "b2"):  # factors of W = B A
