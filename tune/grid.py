@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distributed.config import (ConfigError, ExperimentConfig, apply_overrides, read_yaml,
                                 validate_config)
@@ -133,13 +133,9 @@ class Grid:
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
     """Read an ablation YAML (plus dotted overrides of its own keys, e.g. `seeds=[0,1]`)."""
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
-    try:
-        return AblationConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+    from tune.driver import load_strict
+
+    return load_strict(AblationConfig, path, overrides)
 
 
 def variant_name(config: AblationConfig, axes: dict[str, bool]) -> str:
