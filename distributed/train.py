@@ -93,6 +93,16 @@ def apply_stage(model: GPT, stage: Stage, seed: int) -> None:
         model.freeze_embeddings()
 
 
+def initial_model(cfg: ExperimentConfig, plan: list[Stage]) -> GPT:
+    """The model as a fresh run starts: a function of the config's seed alone, so its initial
+    weights can be regenerated after training (the rank advisor analyses W - W0)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg.model, n_initial_layers=plan[0].n_blocks)
+    apply_stage(model, plan[0], cfg.seed)
+    return model
+
+
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(old) | set(new)):
@@ -171,10 +181,7 @@ class Trainer:
             ckpt.load_checkpoint(self.engine, self.run_dir, tag)
             self.last_checkpoint = ckpt.checkpoint_root(self.run_dir) / tag
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                model = GPT(cfg.model, n_initial_layers=self.plan[0].n_blocks)
-            apply_stage(model, self.plan[0], cfg.seed)
+            model = initial_model(cfg, self.plan)
             self._build(model, realized=self.plan[0].realize)
             # The training streams (dropout, ...) differ per rank and are saved with every checkpoint.
             torch.manual_seed(cfg.seed + 1 + self.rank)
