@@ -169,6 +169,19 @@ def test_dense_frontier_multiplier():
     assert mean_ci([1.0]) == (1.0, None, None)
 
 
+def test_refinement_space_and_knee():
+    from tune.rank_refine import knee, refine_space
+
+    space = refine_space({"mlp_fc": 40, "attn_qkv": 7, "attention": None},
+                         {"mlp_fc": 103, "attn_qkv": 10, "attention": 9}, span=2.0)
+    assert space == {"mlp_fc": (20, 80), "attn_qkv": (4, 9)}   # clipped below break-even 10
+    trials = [{"loss": 2.00, "training_flops": 9.0}, {"loss": 2.02, "training_flops": 5.0},
+              {"loss": 2.10, "training_flops": 1.0}, {"loss": None, "training_flops": 0.5}]
+    assert knee(trials, noise=0.03) is trials[1]      # cheapest within noise of the best
+    assert knee(trials, noise=0.0) is trials[0]
+    assert knee([], 0.1) is None
+
+
 def _fake_trial(spec, loss, flops):
     run_dir = Path(spec.run_dir)
     write_json_atomic(run_dir / TRIAL_JSON, {"status": OK})
