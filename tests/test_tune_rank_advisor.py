@@ -105,5 +105,17 @@ def test_command_on_a_dense_run(tmp_path, capsys):
     assert weights[(0, "mlp_fc")]["update_energy_rank"] == 0   # untouched: W == W0
     assert weights[(0, "mlp_fc")]["energy_rank"] > 2             # the init noise
     assert set(out["truncation_loss_increase"]) == {"attn_qkv", "attn_proj", "mlp_fc", "mlp_proj"}
+    # the grids it proposes to the rank search: inside 1..break-even - 1, with a prediction each
+    from types import SimpleNamespace
+
+    from tune.rank_search import load_rank_search
+
+    config = load_rank_search("configs/rank_search/tiny.yaml")
+    evens = {"attn_qkv": 5, "attn_proj": 5, "mlp_fc": 20, "mlp_proj": 20, "attention": 9}
+    grids, advice = rank_advisor.advise_sweep(run, config, SimpleNamespace(break_even=evens))
+    assert set(grids) == {"attn_qkv", "attn_proj", "mlp_fc", "mlp_proj"}   # attention: no weight
+    for site, grid in grids.items():
+        assert grid and 1 <= min(grid) and max(grid) < evens[site]
+        assert all(str(k) in advice[site] for k in grid)
     assert rank_advisor.main([str(tmp_path / "missing")]) == 2
     assert rank_advisor.main([str(run), "--share", "2"]) == 2

@@ -94,26 +94,29 @@ KNOBS = {"lowrank": Knob("lowrank", "rank"), "abba": Knob("abba", "r (r1 = r2; r
 LINEAR_KINDS, ATTENTION_KINDS = ("lowrank", "abba"), ("linformer",)
 
 
-def with_site(model: GPTConfig, site: str, spec: dict | None) -> GPTConfig:
+def with_site(model: GPTConfig, site: str, spec: dict | None, n_layer: int | None = None) -> GPTConfig:
     """`model` made dense everywhere, then `site` set to `spec` (None: stays dense) in every block."""
     approx = {} if spec is None else {site: spec}
-    return GPTConfig.model_validate({**model.model_dump(exclude={"approx"}), "approx": approx})
+    return GPTConfig.model_validate({**model.model_dump(exclude={"approx"}), "approx": approx,
+                                     **({"n_layer": n_layer} if n_layer else {})})
 
 
 @lru_cache(maxsize=4096)
-def _flops_per_token(model_json: str) -> int:
+def _block_flops(model_json: str) -> int:
     import torch
 
     from model import GPT
 
     with torch.device("meta"):  # shapes only: allocates nothing
-        return GPT(GPTConfig.model_validate_json(model_json)).training_flops_per_token().training
+        return GPT(GPTConfig.model_validate_json(model_json)).training_flops_per_token().blocks[0].training
 
 
 def site_training_flops(model: GPTConfig, site: str, spec: dict | None) -> int:
-    """Training FLOPs per token (model/accounting.py) of the fully trainable `model` with only
-    `site` approximated by `spec`, every other site dense."""
-    return _flops_per_token(with_site(model, site, spec).model_dump_json())
+    """Training FLOPs per token (model/accounting.py) of one fully trainable block of `model` with
+    only `site` approximated by `spec`. Every block of a fully trainable model costs the same and
+    the rest of the model does not depend on the site, so comparing one block compares the models
+    (and builds a one-block model instead of n_layer blocks)."""
+    return _block_flops(with_site(model, site, spec, n_layer=1).model_dump_json())
 
 
 def break_even(model: GPTConfig, site: str, kind: str, fixed: dict | None = None) -> int:
@@ -458,9 +461,10 @@ def plan_allocations(config: RankSearchConfig, curves: dict[str, list[dict]],
                   for s, o in chosen.items() if o.knob is not None}
         cfg = experiment_for(base, seed=0, name="probe", run_dir="unused", approx=approx)
         flops = estimated_training_flops(cfg, world_size)
-        out[f"{budget:g}"] = {"budget": budget, "feasible": True,
-                              "ranks": {s: o.knob for s, o in chosen.items()},
-                              "kinds": {s: config.sites[s].kind for s in chosen},
+        # a site without a finished sweep point stays dense
+        ranks = {s: (chosen[s].knob if s in chosen else None) for s in config.sites}
+        out[f"{budget:g}"] = {"budget": budget, "feasible": True, "ranks": ranks,
+                              "kinds": {s: config.sites[s].kind for s in config.sites},
                               "approx": approx,
                               "predicted_loss_delta": sum(o.loss for o in chosen.values()),
                               "estimated_flops": flops, "dense_flops": dense_flops,
@@ -600,6 +604,7 @@ def plot_sweeps(experiment_dir: Path, config: RankSearchConfig, plan: Plan,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def bars(points):
         ys = [p["loss"] for p in points]
@@ -632,8 +637,11 @@ def plot_sweeps(experiment_dir: Path, config: RankSearchConfig, plan: Plan,
             right.errorbar([p["flops"] for p in frontier_points], ys, yerr=err, fmt="s-",
                            color="black", capsize=3, label="dense frontier")
         left.set_xscale("log")
+        left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         left.set_xlabel(KNOBS[kind].name)
         right.set_xscale("log")
+        right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         right.set_xlabel("training FLOPs")
         for ax in (left, right):
             ax.set_ylabel("validation loss (nats/token)")
@@ -772,8 +780,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"\nrank search {config.name!r}: done in {time.time() - start:.0f} s")
     print((experiment_dir / "ranks.md").read_text().split("## Dense frontier")[0])
-    for name in (SWEEP_CSV, RANKS_JSON, "ranks.md", "best.yaml"):
-        print(f"  {name:11s} {experiment_dir / name}")
+    for name in (SWEEP_CSV, RANKS_JSON, "ranks.md", "best.yaml", "refined.yaml"):
+        if (experiment_dir / name).is_file():
+            print(f"  {name:12s} {experiment_dir / name}")
+    print(f"  {'plots':12s} {experiment_dir}/sweep_<site>.png")
     failed = [r["trial"] for r in result["rows"] if r["status"] != OK]
     if failed:
         print(f"{len(failed)} trial(s) have no result: {', '.join(failed)}; re-run the same command "
