@@ -198,7 +198,8 @@ def test_outputs_from_trial_directories(tmp_path):
     # three sites of two kinds (fewer than the config's five keeps this test quick)
     config = rs.load_rank_search(TINY, [f"out_dir={tmp_path}", "sites={mlp_fc: {kind: lowrank, low: 4}, "
                                         "attn_qkv: {kind: abba}, attention: {kind: linformer, "
-                                        "fixed: {chunk: 32, window: 16}}}"])
+                                        "fixed: {chunk: 32, window: 16}}}",
+                                        "allocation.budgets=[0.7, 0.85]"])   # these three reach 0.67
     plan = rs.sweep_plan(config, tmp_path)
     dense_flops = rs.estimated_training_flops(
         rs.experiment_for(rs.base_experiment(config), seed=0, name="p", run_dir="u"), 1)
@@ -227,7 +228,7 @@ def test_outputs_from_trial_directories(tmp_path):
         _fake_trial(spec, 2.05 + 0.1 * (1 - spec.record["fraction"]), dense_flops * spec.record["fraction"])
     result = rs.allocation_outputs(config, tmp_path, plan, sweep, allocations, specs)
     ranks = json.loads((tmp_path / rs.RANKS_JSON).read_text())
-    assert set(ranks) == {"0.5", "0.65", "0.8"}
+    assert set(ranks) == {"0.7", "0.85"}
     for key, entry in ranks.items():
         assert set(config.sites) <= set(entry) and entry["fits_budget"]
         assert entry["ci"][0] <= entry["loss"] <= entry["ci"][1]
