@@ -636,13 +636,12 @@ def plot_sweeps(experiment_dir: Path, config: RankSearchConfig, plan: Plan,
             ys, err = bars(frontier_points)
             right.errorbar([p["flops"] for p in frontier_points], ys, yerr=err, fmt="s-",
                            color="black", capsize=3, label="dense frontier")
-        left.set_xscale("log")
+        left.set_xscale("log")   # the grid is logarithmic; label its own values
+        left.set_xticks(sorted({*plan.grids[site], plan.break_even[site]}))
         left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         left.set_xlabel(KNOBS[kind].name)
-        right.set_xscale("log")
-        right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        right.set_xlabel("training FLOPs")
+        right.set_xlabel("training FLOPs (the run's, by the accounting)")
         for ax in (left, right):
             ax.set_ylabel("validation loss (nats/token)")
             ax.legend(fontsize=8)
