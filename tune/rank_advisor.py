@@ -109,13 +109,6 @@ def update_ranks(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tens
     return out
 
 
-def truncate(weight: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-`rank` approximation of `weight` in Frobenius norm (Eckart-Young)."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    r = min(rank, s.numel())
-    return ((u[:, :r] * s[:r]) @ vh[:r]).to(weight.dtype)
-
-
 @torch.no_grad()
 def mean_loss(model, batches) -> float:
     total = count = 0
@@ -134,11 +127,12 @@ def truncation_losses(model, batches, site: str, ranks: list[int]) -> dict[int, 
     layers = [getattr(getattr(block, SITE_MODULES[site][0]), SITE_MODULES[site][1])
               for block in model.transformer.h]
     saved = [layer.weight.detach().clone() for layer in layers]
+    factors = [torch.linalg.svd(w.double(), full_matrices=False) for w in saved]   # once per weight
     out = {}
     try:
         for r in ranks:
-            for layer, w in zip(layers, saved):
-                layer.weight.copy_(truncate(w, r))
+            for layer, (u, s, vh) in zip(layers, factors):
+                layer.weight.copy_((u[:, :r] * s[:r]) @ vh[:r])   # the best rank-r approximation
             out[r] = mean_loss(model, batches) - base
     finally:
         for layer, w in zip(layers, saved):
@@ -219,7 +213,7 @@ def advise_sweep(run_dir: Path, config, plan) -> tuple[dict[str, list[int]], dic
         if site not in SITES:
             continue
         limit = plan.break_even[site] - 1
-        candidates = log_grid(1, limit, 8)
+        candidates = log_grid(1, limit, 6)
         by_rank = truncation_losses(model, batches, site,
                                     sorted({knob_rank(spec.kind, k) for k in candidates}))
         losses = {k: by_rank[knob_rank(spec.kind, k)] for k in candidates}
