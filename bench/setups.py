@@ -62,21 +62,21 @@ def dense_setups(ctx: Context) -> list[ModelSetup]:
 
 
 def all_on(config: GPTConfig, linears: bool = True, attention: bool = True) -> GPTConfig:
-    """Every approximation on: ABBA attention projections, low-rank MLP, causal Linformer.
+    """Every approximation on: ABBA attention projections, low-rank MLP, compressed attention.
     `linears=False` / `attention=False` leave that part dense, to split the speed-up by cause."""
     d, t = config.n_embd, config.block_size
     if d <= 128:  # the tiny experiment's own settings
-        attn_r, mlp_rank, linformer = 8, 32, {"kind": "linformer", "k": 16, "window": 16, "chunk": 32}
-    else:  # r1 * r2 = d/4 and rank d/4, as figure 2; k = window = T/8, chunk = T/4
+        attn_r, mlp_rank, compressed = 8, 32, {"kind": "compressed", "slots": 2, "chunk": 16, "window": 8}
+    else:  # r1 * r2 = d/4 and rank d/4, as figure 2; chunk = window = T/8, slots = chunk/8
         attn_r, mlp_rank = int((d // 4) ** 0.5), d // 4
-        linformer = {"kind": "linformer", "k": t // 8, "window": t // 8, "chunk": t // 4}
+        compressed = {"kind": "compressed", "slots": max(1, t // 64), "chunk": t // 8, "window": t // 8}
     approx = {}
     if linears:
         abba = {"kind": "abba", "r1": attn_r, "r2": attn_r}
         lowrank = {"kind": "lowrank", "rank": mlp_rank}
         approx.update(attn_qkv=abba, attn_proj=abba, mlp_fc=lowrank, mlp_proj=lowrank)
     if attention:
-        approx["attention"] = linformer
+        approx["attention"] = compressed
     return GPTConfig.model_validate({**config.model_dump(exclude={"approx"}), "approx": approx})
 
 

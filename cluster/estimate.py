@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", help="also write the table to this markdown file")
     args = p.parse_args(argv)
     if not 0 < args.mfu <= 1:
-        p.error("--mfu must be in (0, 1]")
+        print(f"error: --mfu must be in (0, 1], got {args.mfu}", file=sys.stderr)
+        return 2
+    if args.write and not Path(args.write).resolve().parent.is_dir():
+        print(f"error: --write {args.write}: folder {Path(args.write).resolve().parent} does not exist",
+              file=sys.stderr)
+        return 2
     try:
         rows, context = estimate(args.config, args.mfu, args.peak_tflops, args.usd_per_gpu_hour)
     except ConfigError as exc:

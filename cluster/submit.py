@@ -7,7 +7,8 @@
     python -m cluster.submit fetch --config configs/ablation/gpt2-124m.yaml --head ubuntu@HEAD
 
 (`cluster/submit_ablation.sh ADDRESS CONFIG` and `cluster/submit_rank_search.sh ADDRESS CONFIG` are
-the same as the first two.) A submission is `ray job submit` with:
+the same as the first two.) A submission goes through Ray's job API (`JobSubmissionClient`, what
+`ray job submit` calls) with:
 
 - the repository as the job's working directory (uploaded, minus .venv/, runs/ and other local
   state), so the cluster runs exactly the code you have checked out;
@@ -20,9 +21,13 @@ the same as the first two.) A submission is `ray job submit` with:
   variables that every trial's workers inherit.
 
 Everything is checked here, before anything is sent: the address, the config file (loaded and
-validated with the same code the job runs), the token settings. Then the job is submitted without
-waiting, the commands to follow, stop and fetch it are printed, and its logs are followed
-(Ctrl-C stops following; the job keeps running on the cluster).
+validated with the same code the job runs), the token settings. Then the job is submitted, the
+commands to follow, stop and fetch it are printed, and its logs are followed until it ends (the exit
+status is the job's: 0 when it succeeded; Ctrl-C stops following, the job keeps running).
+
+Secrets: `--env KEY=VALUE` values (e.g. WANDB_API_KEY) travel only inside the job API request; every
+line printed here shows them as <hidden>, and no command line holds them. Prefer `--env KEY`, which
+forwards this shell's value, so the secret is not on this command's own command line either.
 
 Token authentication (Ray >= 2.52; a shared cluster should use it): the cluster is started with
 RAY_AUTH_MODE=token and a token on every node. The client sends the token only when RAY_AUTH_MODE=token
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -41,6 +47,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.validate import ValidationFailed, validate
 
 REPO = Path(__file__).resolve().parents[1]
 NCCL_ENV = REPO / "cluster" / "nccl.env"
@@ -53,6 +61,7 @@ WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cach
 
 ENTRYPOINT_MODULES = {"ablation": "tune.ablation", "rank-search": "tune.rank_search"}
 GCS_PORT = "6379"
+HIDDEN = "<hidden>"
 
 
 class SubmitError(ValueError):
@@ -68,10 +77,15 @@ class Submission:
     runtime_env: dict
     entrypoint: list[str]
 
+    hidden: tuple[str, ...] = ()   # runtime-env variables whose values are never printed
+
     def command(self, ray_cli: str) -> list[str]:
+        """The equivalent `ray job submit` command, for people to read: hidden values masked."""
+        env = dict(self.runtime_env)
+        env["env_vars"] = {k: HIDDEN if k in self.hidden else v for k, v in env["env_vars"].items()}
         return [ray_cli, "job", "submit", "--address", self.address,
                 "--submission-id", self.submission_id,
-                "--runtime-env-json", json.dumps(self.runtime_env, sort_keys=True),
+                "--runtime-env-json", json.dumps(env, sort_keys=True),
                 "--no-wait", "--", *self.entrypoint]
 
 
@@ -101,25 +115,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def load_experiment_name(kind: str, config: str, overrides: list[str]) -> str:
     """Validate the config with the code the job will run; return its name."""
-    path = Path(config)
-    if not path.is_file():
-        raise SubmitError(f"config {config!r} does not exist (see configs/ablation/ and "
-                          "configs/rank_search/)")
-    from distributed.config import ConfigError
-
     try:
-        if kind == "ablation":
-            from tune.grid import expand, load_ablation, validate_grid
-
-            ablation = load_ablation(path, overrides)
-            validate_grid(expand(ablation))
-            return ablation.name
-        from tune.rank_search import check_space, load_rank_search
-
-        search = load_rank_search(path, overrides)
-        check_space(search)
-        return search.name
-    except ConfigError as exc:
+        return validate(kind, config, overrides)
+    except ValidationFailed as exc:
         raise SubmitError(str(exc)) from None
 
 
@@ -138,6 +136,9 @@ def parse_env(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):   # the value may be a secret: never shown
+            raise SubmitError(f"--env {key!r}=...: {key!r} is not a variable name (letters, digits, _; "
+                              "e.g. --env WANDB_API_KEY)")
         if not sep:  # --env KEY: forward this shell's value (e.g. WANDB_API_KEY)
             if key not in os.environ:
                 raise SubmitError(f"--env {key}: not set in this shell; use --env {key}=VALUE")
@@ -181,8 +182,9 @@ def build_submission(args: argparse.Namespace) -> Submission:
         entrypoint += ["--from-ablation", args.from_ablation]
     entrypoint += args.overrides
     submission_id = args.submission_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    extra_env = parse_env(args.env)
     return Submission(name, submission_id, address, out_dir,
-                      runtime_env(args.shared_dir, parse_env(args.env)), entrypoint)
+                      runtime_env(args.shared_dir, extra_env), entrypoint, hidden=tuple(extra_env))
 
 
 def ray_cli() -> str:
@@ -198,54 +200,99 @@ def quoted(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-# What the job API answers while the head's job agent is still starting (seconds after `ray start`):
-# nothing was submitted, so submitting again is safe.
-AGENT_NOT_READY = "No available agent to submit job"
+def job_client(address: str, env: dict[str, str]):
+    """Ray's JobSubmissionClient for `address`, sending the token that `env` (token_environment's
+    result) configures. Raises SubmitError when the job server cannot be reached."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the client reads them here
+        if key in env:
+            os.environ[key] = env[key]
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise SubmitError(f"cannot reach the Ray job server at {address} ({exc}); is the cluster up, "
+                          "and is the dashboard port (8265) forwarded?") from None
 
 
-def run_job_submit(command: list[str], env: dict[str, str] | None = None, patience_s: float = 90,
-                   **run_kwargs) -> subprocess.CompletedProcess:
-    """Run a `ray job submit` command (output captured), again every few seconds while the cluster's
-    job agent is not up yet; any other failure is returned as it is."""
+def _http_status(exc: Exception) -> int | None:
+    """The HTTP status of a failed job API request: JobSubmissionClient raises RuntimeError("Request
+    failed with status code N: ...") and keeps no other record of it."""
+    match = re.match(r"Request failed with status code (\d{3})", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def submit_job(client, submission: Submission, patience_s: float = 90) -> str:
+    """Submit through the job API. A server-side failure (HTTP 5xx: the head's job agent still
+    starting, seconds after `ray start`) is retried every few seconds for `patience_s`, unless the
+    job exists by then (the submission id makes a retry safe); any other failure is raised."""
     deadline = time.time() + patience_s
     while True:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, **run_kwargs)
-        if result.returncode == 0 or AGENT_NOT_READY not in result.stdout + result.stderr \
-                or time.time() > deadline:
-            return result
+        try:
+            return client.submit_job(entrypoint=shlex.join(submission.entrypoint),
+                                     submission_id=submission.submission_id,
+                                     runtime_env=submission.runtime_env)
+        except RuntimeError as exc:
+            status = _http_status(exc)
+            if status is None or status < 500 or time.time() > deadline:
+                raise SubmitError(f"the job server refused the submission: {exc}") from None
+        if _job_exists(client, submission.submission_id):
+            return submission.submission_id
         time.sleep(3)
+
+
+def _job_exists(client, submission_id: str) -> bool:
+    try:
+        client.get_job_info(submission_id)
+        return True
+    except RuntimeError:
+        return False
+
+
+def follow_job(client, submission_id: str, out=None) -> str:
+    """Print the job's logs as they come until it ends; return its final status (e.g. SUCCEEDED)."""
+    import asyncio
+
+    out = out or sys.stdout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", file=out, flush=True)
+
+    asyncio.run(tail())
+    while not (status := client.get_job_status(submission_id)).is_terminal():
+        time.sleep(1)   # the log stream can end a moment before the status does
+    return str(status.value)
 
 
 def submit(args: argparse.Namespace) -> int:
     submission = build_submission(args)
     env = token_environment(args.token_file)
-    cli = "ray" if args.dry_run else ray_cli()
-    command = submission.command(cli)
+    command = submission.command("ray")
     address = submission.address
     print(f"experiment {submission.name!r} -> {submission.out_dir} on the cluster")
     print(f"submit:  {quoted(command)}")
     if args.dry_run:
         return 0
-    result = run_job_submit(command, env)
-    print(result.stdout, end="")
-    print(result.stderr, end="", file=sys.stderr)
-    if result.returncode != 0:
-        raise subprocess.CalledProcessError(result.returncode, command)
-    sid = shlex.quote(submission.submission_id)
-    print(f"follow:  ray job logs --address {address} --follow {sid}\n"
-          f"status:  ray job status --address {address} {sid}\n"
-          f"stop:    ray job stop --address {address} {sid}\n"
+    client = job_client(address, env)
+    sid = submit_job(client, submission)
+    print(f"submitted job {sid}")
+    qsid = shlex.quote(sid)
+    print(f"follow:  ray job logs --address {address} --follow {qsid}\n"
+          f"status:  ray job status --address {address} {qsid}\n"
+          f"stop:    ray job stop --address {address} {qsid}\n"
           f"fetch:   python -m cluster.submit fetch --config {args.config} "
           f"(--cluster-config cluster/ray-aws.yaml | --head USER@HEAD)\n"
           "resume:  re-run this same command (finished trials are kept)")
     if args.no_follow:
         return 0
     try:
-        return subprocess.run([cli, "job", "logs", "--address", address, "--follow",
-                               submission.submission_id], env=env).returncode
+        status = follow_job(client, sid)
     except KeyboardInterrupt:
         print("\nstopped following; the job keeps running on the cluster", file=sys.stderr)
         return 0
+    print(f"job {sid}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def fetch_command(args: argparse.Namespace) -> list[str]:
@@ -328,9 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except subprocess.CalledProcessError as exc:
-        print(f"error: `{quoted(exc.cmd)}` failed with exit status {exc.returncode}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from common import padded_vocab_size
 from data.config import DataConfig
 from data.corpus import CorpusError, describe_source, expected_document_count, load_documents, source_identity
-from data.tokenizer import encode_document, get_encoding, padded_vocab_size, token_dtype
+from data.tokenizer import encode_document, get_encoding, token_dtype
 
 CACHE_FORMAT = 1
 META_FILE = "meta.json"
@@ -154,7 +155,7 @@ def _build(cfg: DataConfig, folder: Path) -> None:
         "source_identity": source_identity(cfg),
         "tokenizer": cfg.tokenizer,
         "vocab_size": encoding.n_vocab,
-        "padded_vocab_size": padded_vocab_size(encoding),
+        "padded_vocab_size": padded_vocab_size(encoding.n_vocab),
         "eot_token": encoding.eot_token,
         "dtype": dtype.name,
         "train_tokens": counts["train"],

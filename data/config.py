@@ -5,7 +5,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import tiktoken
+from pydantic import Field, model_validator
+
+from common import StrictModel
 
 
 def default_cache_dir() -> str:
@@ -14,9 +17,12 @@ def default_cache_dir() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "approxgpt"))
 
 
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def is_known_tokenizer(name: str) -> bool:
+    """'byte' or an encoding tiktoken can name (whether its files are available is checked later)."""
+    return name == "byte" or name in tiktoken.list_encoding_names()
 
+
+class DataConfig(StrictModel):
     # embedded: the Python standard library's source text that ships with the interpreter (offline).
     # files: a local text file or a folder of them.  hf: a Hugging Face dataset by name.
     source: Literal["embedded", "files", "hf"] = "embedded"
@@ -36,6 +42,9 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
+        if not is_known_tokenizer(self.tokenizer):
+            raise ValueError(f"data.tokenizer = {self.tokenizer!r} is not a known encoding; valid: 'byte' "
+                             f"or one of tiktoken's {', '.join(sorted(tiktoken.list_encoding_names()))}")
         if self.source == "files":
             if not self.path:
                 raise ValueError("data.path is required when data.source = 'files' "
@@ -59,8 +68,3 @@ KNOWN_VOCAB_SIZES = {
     "cl100k_base": 100277,
     "o200k_base": 200019,
 }
-
-
-def padded_vocab_size(n_vocab: int, multiple: int = 64) -> int:
-    """nanoGPT's trick: pad the embedding table to a multiple of 64 for faster matmuls."""
-    return -(-n_vocab // multiple) * multiple

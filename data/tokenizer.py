@@ -10,8 +10,6 @@ import tiktoken
 
 BYTE_ENCODING = "byte"
 END_OF_TEXT = "<|endoftext|>"
-# nanoGPT pads the embedding table to a multiple of 64 so the matmuls hit fast kernel shapes.
-VOCAB_MULTIPLE = 64
 
 
 class TokenizerUnavailableError(RuntimeError):
@@ -58,11 +56,6 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             f"then copy that folder here (or put it on a shared file system) and set "
             f"TIKTOKEN_CACHE_DIR to it. The '{BYTE_ENCODING}' tokenizer needs no files."
         ) from error
-
-
-def padded_vocab_size(encoding: tiktoken.Encoding, multiple: int = VOCAB_MULTIPLE) -> int:
-    """The model's embedding rows: n_vocab rounded up to a multiple of 64 (byte: 257 -> 320, gpt2: 50257 -> 50304)."""
-    return -(-encoding.n_vocab // multiple) * multiple
 
 
 def token_dtype(encoding: tiktoken.Encoding) -> np.dtype:

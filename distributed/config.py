@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from data.config import KNOWN_VOCAB_SIZES, DataConfig, padded_vocab_size
+from common import StrictModel as _Strict
+from common import format_validation_error, padded_vocab_size
+from data.config import KNOWN_VOCAB_SIZES, DataConfig, is_known_tokenizer
 from model.config import ApproxConfig, GPTConfig
 
 
 class ConfigError(ValueError):
     """A config problem, phrased for the person who wrote the YAML or the command line."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ScheduleConfig(_Strict):
@@ -37,8 +35,18 @@ class ScheduleConfig(_Strict):
     freeze_embeddings: bool = False  # with freeze_previous: also freeze wte/wpe after stage 1
     full_rank_finish: bool = False   # realize every approximation, unfreeze all, train on
     finish_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # share of the token budget
-    stage_weights: list[float] | None = None  # relative length of the growth stages; None: equal
-    rewarmup_steps: int = Field(default=0, ge=0)  # LR re-warm-up after each stage boundary
+    stage_weights: list[float] | None = None  # relative length of the growth stages (then growth_fraction: null)
+    # Blocks are added during the first `growth_fraction` of the steps before the finish (equal
+    # stages); the last growth stage, every block present, trains on for the rest. Equal stages over
+    # the whole run would leave the last block 1/n_layer of the steps, all near min_lr (issue 12).
+    growth_fraction: float | None = Field(default=0.4, gt=0.0, lt=1.0)
+    # The LR's shape over the run (distributed/schedule.py): `cosine` one warm-up + cosine over the
+    # run; `wsd` warm-up, constant, decay over the final `finish_fraction` of the steps (the finish
+    # when there is one); `stage` a warm-up + cosine within every stage.
+    lr_schedule: Literal["cosine", "wsd", "stage"] = "wsd"
+    # Linear LR warm-up over the first steps of a stage for parameters whose optimizer state is new
+    # there (a grown block, realized weights); under `stage` the warm-up of every stage after the first.
+    rewarmup_steps: int = Field(default=0, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -57,7 +65,7 @@ class TrainConfig(_Strict):
     checkpoint_interval: int = Field(default=0, ge=0)  # 0: only at stage ends
     keep_checkpoints: int = Field(default=2, ge=2)  # newest complete checkpoints kept on disk
     # torch.compile the model of every stage's engine (DeepSpeed's engine.compile, inductor). Fuses
-    # the elementwise work the FLOPs leave out (GELU, bias, LayerNorm, the Linformer's compression);
+    # the elementwise work the FLOPs leave out (GELU, bias, LayerNorm, compressed attention's pooling);
     # costs one compilation per stage (structure and trainability change at each boundary) plus one
     # for evaluation, so it pays on long stages. Needs a C++ compiler on CPU.
     compile: bool = False
@@ -70,6 +78,26 @@ class TrainConfig(_Strict):
         return self
 
 
+class LrMultConfig(_Strict):
+    """LR multiplier per parametrization (embeddings and norms: 1). At one LR the first Adam step
+    moves a realized ABBA weight ~0.35x and a low-rank one 0.65-1.1x as far as a dense weight."""
+
+    dense: float = Field(default=1.0, gt=0.0)
+    lowrank: float = Field(default=1.0, gt=0.0)
+    abba: float = Field(default=1.0, gt=0.0)
+    compression: float = Field(default=1.0, gt=0.0)  # compressed attention's own parameters
+
+
+class OptimizerConfig(_Strict):
+    """AdamW's parameter groups (distributed/engine.py): one per (parametrization, decay, new)."""
+
+    lr_mult: LrMultConfig = LrMultConfig()
+    # Weight decay on the factors of W = B A penalises |B|^2 + |A|^2 >= 2 |W|_* (nuclear norm, equal
+    # at the balanced factorisation): a pull towards low rank, not the dense weight's |W|^2. `none`
+    # trains factors without decay.
+    factor_weight_decay: Literal["decay", "none"] = "decay"
+
+
 class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -78,6 +106,13 @@ class DeepSpeedConfig(_Strict):
     # ZeRO-3 keeps parameters smaller than this unpartitioned (DeepSpeed's default: 1e5 elements);
     # None keeps DeepSpeed's default, 0 partitions everything (tiny test models).
     param_persistence_threshold: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer = true needs deepspeed.zero_stage 1, 2 or 3 "
+                             "(ZeRO keeps the optimizer state it offloads); got zero_stage = 0")
+        return self
 
 
 class WandbConfig(_Strict):
@@ -104,6 +139,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     wandb: WandbConfig = WandbConfig()
     debug: DebugConfig = DebugConfig()
@@ -134,6 +170,8 @@ class ExperimentConfig(_Strict):
         data = raw.get("data") or {}
         tokenizer = data.get("tokenizer", DataConfig.model_fields["tokenizer"].default) \
             if isinstance(data, dict) else None
+        if not isinstance(tokenizer, str) or not is_known_tokenizer(tokenizer):
+            return raw  # DataConfig names the bad data.tokenizer; the vocabulary is moot until then
         if tokenizer not in KNOWN_VOCAB_SIZES:
             raise ValueError(f"model.vocab_size must be set for tokenizer {tokenizer!r} "
                              f"(known without loading: {', '.join(KNOWN_VOCAB_SIZES)})")
@@ -153,6 +191,10 @@ class ExperimentConfig(_Strict):
         if s.layerwise and s.initial_layers > self.model.n_layer:
             raise ValueError(f"schedule.initial_layers = {s.initial_layers} is larger than "
                              f"model.n_layer = {self.model.n_layer}")
+        if s.stage_weights is not None and s.growth_fraction is not None:
+            raise ValueError(f"schedule.stage_weights = {s.stage_weights} and schedule.growth_fraction = "
+                             f"{s.growth_fraction} both set the growth stages' lengths; set "
+                             "schedule.growth_fraction=null to use stage_weights")
         if s.stage_weights is not None:
             n_growth = self.model.n_layer - s.initial_layers + 1 if s.layerwise else 1
             if len(s.stage_weights) != n_growth or any(w <= 0 for w in s.stage_weights):
@@ -224,7 +266,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -245,46 +287,21 @@ def _key_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _lookup(raw: Any, loc: tuple) -> Any:
-    node = raw
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, dict) and str(part) in node:
-            node = node[str(part)]
-        else:
-            return None
-    return node
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One readable line per problem: key path, bad value, what is valid."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parent = _key_path(loc[:-1]) or "top level"
-            lines.append(f"{source}: unknown key {_key_path(loc)!r} (in {parent}); "
-                         "check the spelling against configs/experiments/tiny.yaml")
-        elif err["type"] in ("value_error", "assertion_error"):
-            # Our validators name the key paths themselves; prefix the section they ran in when
-            # the message does not already start with a dotted path.
-            first = msg.split(" ", 1)[0]
-            where = _key_path(loc)
-            prefix = f"{where}: " if where and "." not in first else ""
-            lines.append(f"{source}: {prefix}{msg}")
-        else:
-            value = err.get("input")
-            lines.append(f"{source}: {_key_path(loc)} = {value!r}: {msg}")
-    return "\n".join(lines)
-
-
-def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+def validate_config(raw: dict, source: str | Callable[[str, str], str] = "config") -> ExperimentConfig:
+    """source: where the config came from, or a function of (bad key path, message) (see load_config)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(
+            exc, source, key_path=_key_path,
+            unknown_key_hint="check the spelling against configs/experiments/tiny.yaml")) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(exc, "problem", None) or str(exc).splitlines()[0])
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -295,7 +312,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -307,5 +324,21 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment config, apply dotted overrides, validate, return the typed config."""
     raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, source=str(path) if path is not None else "config")
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
+    file = str(path) if path is not None else "config"
+    set_by = {item.partition("=")[0].strip(): item for item in overrides}
+
+    def related(a: str, b: str) -> bool:
+        return bool(a and b) and (a == b or a.startswith(b + ".") or b.startswith(a + "."))
+
+    def source(key: str, message: str) -> str:
+        # Blame the command-line override that set the bad key (or a section or key inside it), or
+        # that a cross-field message names, not the YAML file the user did not touch.
+        named = [key] + [w.strip(".,;:()`'") for w in message.split() if "." in w.strip(".")]
+        for item_key in reversed(list(set_by)):
+            if any(related(item_key, k) for k in named):
+                return f"override {set_by[item_key]!r}"
+        return file
+
+    return validate_config(raw, source=source)

@@ -2,7 +2,7 @@
 
 An engine is built over the TRAINABLE parameters only, once per stage:
 
-    engine = build_engine(model, cfg)          # AdamW over model.decay_groups(), ZeRO from the config
+    engine = build_engine(model, cfg, device, new)   # AdamW, one group per (parametrization, decay, new)
     ... train the stage ...
     state = full_state_dict(engine)            # every rank gets the full weights (ZeRO-3: gathered)
     destroy_engine(engine)                     # frees optimizer state and partitions before the next
@@ -117,26 +117,124 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict:
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         # torch's AdamW is passed in (no compiled ops needed); ZeRO wraps it like its own.
         "zero_allow_untested_optimizer": True,
+        # With the optimizer offloaded, that AdamW steps ZeRO's fp32 partitions in CPU memory: the
+        # same math as without offload. DeepSpeed would insist on its DeepSpeedCPUAdam, a C++ op that
+        # every node must first compile (minutes; a build toolchain on every node) for a faster step.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # progress and metrics are ours (distributed/metrics.py)
         "wall_clock_breakdown": False,
     }
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's AdamW groups over the trainable parameters: decay on matrices, none on biases/norms."""
-    decay, no_decay = model.decay_groups()
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+@dataclass(frozen=True)
+class ParamRole:
+    parametrization: str   # "dense", "lowrank", "abba", "compression", "embedding", "norm"
+    factor: bool           # a factor of a factorised weight: optimizer.factor_weight_decay applies
+    decay: bool            # weight-decayed under the default policy
 
 
-def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device):
+def parameter_roles(model: nn.Module) -> dict[str, ParamRole]:
+    """Each named parameter's role. The model's own `GPT.parameter_roles()` (cross-branch contract
+    item 1) when it has one; else the FALLBACK below -- the only isinstance switch on model classes
+    in distributed/, to be deleted once model/ provides the method."""
+    if hasattr(model, "parameter_roles"):
+        return model.parameter_roles()
+    from model.attention import CausalLinformerAttention
+    from model.gpt import LayerNorm
+    from model.linear import ABBALinear, LowRankLinear
+
+    names = dict(model.named_parameters())  # tied weights once, under their first name
+    roles: dict[str, ParamRole] = {}
+    for prefix, module in model.named_modules():
+        for short, _ in module.named_parameters(recurse=False):
+            name = f"{prefix}.{short}" if prefix else short
+            if name not in names:
+                continue
+            if isinstance(module, (LowRankLinear, ABBALinear)):
+                kind = "lowrank" if isinstance(module, LowRankLinear) else "abba"
+                roles[name] = ParamRole(kind, factor=short != "bias", decay=short != "bias")
+            elif isinstance(module, CausalLinformerAttention):
+                roles[name] = ParamRole("compression", factor=False, decay=False)
+            elif isinstance(module, nn.Embedding):
+                roles[name] = ParamRole("embedding", factor=False, decay=True)
+            elif isinstance(module, LayerNorm):
+                roles[name] = ParamRole("norm", factor=False, decay=False)
+            elif isinstance(module, nn.Linear):
+                roles[name] = ParamRole("dense", factor=False, decay=short == "weight")
+            else:
+                raise TypeError(f"parameter {name}: no optimizer role for {type(module).__name__}")
+    return roles
+
+
+def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig,
+                           new: frozenset[str] = frozenset()) -> list[dict]:
+    """AdamW groups over the trainable parameters, one per (parametrization, decayed, new):
+    `lr_mult` from optimizer.lr_mult (embeddings and norms 1), weight decay on what the role decays
+    (factors only under factor_weight_decay=decay; never on norms, biases, compression parameters),
+    `new` for parameters whose Adam moments start in this stage (they get the warm-up). Groups and
+    their order are a function of the model and `new`, so a resumed engine matches the saved one."""
+    opt, wd = cfg.optimizer, cfg.train.weight_decay
+    roles = parameter_roles(model)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = roles[name]
+        decayed = role.decay and not (role.factor and opt.factor_weight_decay == "none")
+        key = (role.parametrization, decayed, name in new)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": wd if decayed else 0.0,
+                           "lr_mult": getattr(opt.lr_mult, role.parametrization, 1.0),
+                           "new": name in new, "role": role.parametrization}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def carries_optimizer_state(cfg: ExperimentConfig) -> bool:
+    """Whether Adam's moments survive a stage boundary (`optimizer_moments` / `load_optimizer_moments`).
+    Only without ZeRO in fp32 does the engine step torch's AdamW on the module's own parameters, with
+    per-parameter state. ZeRO 1-3 and bf16/fp16 keep the moments in flat fp32 partitions that
+    DeepSpeed creates at the first step and exposes no public way to seed, so there every stage
+    starts fresh moments and every parameter gets the new-parameter warm-up."""
+    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
+
+
+def optimizer_moments(engine) -> dict[str, dict]:
+    """Adam's state per parameter name, on CPU (see carries_optimizer_state)."""
+    optimizer = engine.optimizer
+    assert isinstance(optimizer, torch.optim.AdamW), type(optimizer)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {names[id(p)]: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                           for k, v in state.items()}
+            for p, state in optimizer.state.items()}
+
+
+def load_optimizer_moments(engine, moments: dict[str, dict], names: frozenset[str] | set[str]) -> int:
+    """Seed the fresh engine's Adam state of `names` (parameters that survive the boundary unchanged
+    in shape) from `moments`; returns how many parameters were seeded."""
+    if not moments:
+        return 0
+    optimizer = engine.optimizer
+    assert isinstance(optimizer, torch.optim.AdamW), type(optimizer)
+    count = 0
+    for name, p in engine.module.named_parameters():
+        state = moments.get(name)
+        if name in names and p.requires_grad and state and state["exp_avg"].shape == p.shape:
+            # torch keeps `step` on the CPU for the per-tensor AdamW: only the moments move.
+            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v.clone()
+                                  for k, v in state.items()}
+            count += 1
+    return count
+
+
+def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
+                 new: frozenset[str] = frozenset()):
     """deepspeed.initialize over the model's trainable parameters with torch's AdamW."""
     import deepspeed
 
     model.to(device)
     t = cfg.train
-    groups = optimizer_param_groups(model, t.weight_decay)
+    groups = optimizer_param_groups(model, cfg, new)
     # fused/foreach kernels differ between devices; the default per-tensor loop is deterministic.
     optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2),
                                   foreach=False)
@@ -159,9 +257,11 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def set_learning_rate(engine, lr: float) -> None:
+def set_learning_rate(engine, lr: float, new_factor: float = 1.0) -> None:
+    """The schedule's LR times each group's multiplier, and `new_factor` (the warm-up) for groups of
+    parameters whose optimizer state is new in this stage."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0) * (new_factor if group.get("new", True) else 1.0)
 
 
 def destroy_engine(engine) -> None:

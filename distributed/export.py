@@ -5,6 +5,11 @@
       config.json            {"format", "model": GPTConfig (dense), "encoding", "meta"}
       hf/config.json         GPT2Config fields, written by hand (transformers is not a run-time dep)
       hf/model.safetensors   GPT2LMHeadModel keys and layout
+      hf/generation_config.json   eos/bos ids, the sampling defaults of distributed.sample, and the
+                             padding ids of the embedding table suppressed (no token decodes them)
+      hf/tokenizer.json, hf/tokenizer_config.json   the run's tiktoken encoding as a Hugging Face
+                             byte-level BPE (AutoTokenizer.from_pretrained(final/hf)), byte included
+      hf/README.md           what is there; says so when the tokenizer could not be written
 
 Only dense models are exported: the full-rank finish (or the caller) runs `model.realize()` first, so
 the file format never has to know about factorised layers or compressed attention.
@@ -17,12 +22,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.tokenizer import END_OF_TEXT
 from model import GPT, GPTConfig
 from model.config import ApproxConfig
 
@@ -123,18 +131,123 @@ def _hf_config(config: GPTConfig, dtype: torch.dtype, eot_token: int | None) -> 
     }
 
 
+def _generation_config(config: GPTConfig, eot_token: int | None, n_vocab: int | None) -> dict:
+    # The defaults of distributed.sample (temperature 0.8, top-k 200), and the padding rows of the
+    # embedding table (ids >= n_vocab) never sampled: no tokenizer id decodes them.
+    padding = list(range(n_vocab, config.vocab_size)) if n_vocab is not None else []
+    return {"bos_token_id": eot_token, "eos_token_id": eot_token, "pad_token_id": eot_token,
+            "do_sample": True, "temperature": 0.8, "top_k": 200, "max_length": config.block_size,
+            **({"suppress_tokens": padding} if padding else {})}
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, which byte-level BPE vocabularies
+    (Hugging Face's ByteLevel pre-tokenizer and decoder) are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def hf_tokenizer_json(encoding: tiktoken.Encoding) -> dict:
+    """A tiktoken encoding as a Hugging Face `tokenizers` byte-level BPE that encodes every text to
+    the same ids: tiktoken's split regex, then BPE whose merge priorities are tiktoken's ranks
+    (ignore_merges: a piece that is a token is taken whole, as tiktoken does).
+
+    tiktoken has no public accessor for its split pattern; `_pat_str` is read behind a guard."""
+    pattern = getattr(encoding, "_pat_str", None)
+    if not isinstance(pattern, str):
+        raise RuntimeError(f"tiktoken {tiktoken.__version__} no longer exposes Encoding._pat_str, the "
+                           "split pattern the exported tokenizer needs")
+    to_text = _byte_to_unicode()
+    specials = {t: encoding.encode_single_token(t) for t in sorted(encoding.special_tokens_set)}
+    ranks = {}
+    for i in range(encoding.max_token_value + 1):
+        if i in specials.values():
+            continue
+        try:
+            ranks[encoding.decode_single_token_bytes(i)] = i
+        except KeyError:  # an id no token has (cl100k has gaps below its special tokens)
+            continue
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        # Every split of the token into two tokens of lower rank is a merge of this priority, as
+        # transformers' tiktoken converter writes them.
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token))
+                 if token[:k] in ranks and token[k:] in ranks]
+        merges += [(rank, ranks[a], ranks[b], a, b) for a, b in pairs]
+    merges.sort()
+    text = lambda b: "".join(to_text[c] for c in b)  # noqa: E731
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in specials.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,
+                  "vocab": {text(token): rank for token, rank in ranks.items()},
+                  "merges": [[text(a), text(b)] for *_, a, b in merges]},
+    }
+
+
+def _write_hf_tokenizer(hf_dir: Path, encoding: tiktoken.Encoding | None, encoding_name: str,
+                        block_size: int) -> str | None:
+    """Write tokenizer.json + tokenizer_config.json; return why not (None when written)."""
+    if encoding is None:
+        return (f"save_final was given no encoding object for {encoding_name!r}, so no tokenizer files "
+                f"were written; use data.get_encoding({encoding_name!r}) (tiktoken) to encode")
+    try:
+        tokenizer = hf_tokenizer_json(encoding)
+    except Exception as error:  # noqa: BLE001 - the weights still export; the README says why not
+        return f"the {encoding_name!r} tokenizer could not be converted ({type(error).__name__}: {error})"
+    eot = END_OF_TEXT if END_OF_TEXT in encoding.special_tokens_set else None
+    _write_json(hf_dir / "tokenizer.json", tokenizer)
+    _write_json(hf_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+        "model_max_length": block_size, "clean_up_tokenization_spaces": False})
+    return None
+
+
+def _hf_readme(encoding_name: str, tokenizer_missing: str | None) -> str:
+    lines = ["# Hugging Face GPT-2 copy of this run's final model", "",
+             "    transformers.GPT2LMHeadModel.from_pretrained(this_folder)"]
+    if tokenizer_missing is None:
+        lines += [f"    transformers.AutoTokenizer.from_pretrained(this_folder)   # {encoding_name!r}, "
+                  "as tiktoken encodes"]
+    else:
+        lines += ["", f"NO TOKENIZER FILES: {tokenizer_missing}. "
+                  "AutoTokenizer.from_pretrained(this_folder) would not give the run's tokenizer."]
+    return "\n".join(lines) + "\n"
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_final(model: GPT, out_dir: str | Path, *, encoding_name: str,
-               extra_meta: dict | None = None, eot_token: int | None = None) -> Path:
+               extra_meta: dict | None = None, eot_token: int | None = None,
+               encoding: tiktoken.Encoding | None = None) -> Path:
     """Write the dense `model` to `out_dir` (see the module docstring) and return `out_dir`.
 
     encoding_name: the tokenizer the model was trained with (data.get_encoding's name), so sampling
     decodes with the same one. extra_meta: JSON-serialisable run facts (steps, tokens, val loss...).
-    eot_token: the encoding's end-of-text id, recorded as GPT-2's bos/eos ids in hf/config.json.
+    eot_token: the encoding's end-of-text id, recorded as GPT-2's bos/eos ids in hf/config.json
+    (taken from `encoding` when given). encoding: the tiktoken encoding itself, exported as
+    hf/tokenizer.json; without it hf/README.md and a warning say there is no tokenizer.
     """
+    if encoding is not None and eot_token is None:
+        eot_token = encoding.eot_token
     out_dir = Path(out_dir)
     state = _nanogpt_state(model)
     config = dense_config(model)
@@ -153,6 +266,12 @@ def save_final(model: GPT, out_dir: str | Path, *, encoding_name: str,
         save_file(_hf_state(state, config), staging / "hf" / "model.safetensors",
                   metadata={"format": "pt"})
         _write_json(staging / "hf" / "config.json", _hf_config(config, dtype, eot_token))
+        _write_json(staging / "hf" / "generation_config.json", _generation_config(
+            config, eot_token, encoding.n_vocab if encoding is not None else None))
+        missing = _write_hf_tokenizer(staging / "hf", encoding, encoding_name, config.block_size)
+        (staging / "hf" / "README.md").write_text(_hf_readme(encoding_name, missing))
+        if missing is not None:
+            print(f"warning: {out_dir / 'hf'}: {missing}", file=sys.stderr, flush=True)
         _swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -194,10 +313,23 @@ def load_final(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         if interrupted:
             message += f"; an interrupted save_final left the previous export in {interrupted[-1]}"
         raise FileNotFoundError(message)
-    meta = json.loads((directory / "config.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / 'config.json'} is not an {FORMAT} export "
-                         f"(format = {meta.get('format')!r})")
-    model = GPT(GPTConfig.model_validate(meta["model"]))
-    model.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+    config_file = directory / "config.json"
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config_file} is not readable JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{config_file} is not an {FORMAT} export "
+                         f"(format = {meta.get('format') if isinstance(meta, dict) else None!r})")
+    try:
+        model = GPT(GPTConfig.model_validate(meta.get("model")))
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"{config_file}: its \"model\" section is not a valid GPTConfig "
+                         f"({str(error).splitlines()[0]})") from None
+    try:
+        model.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type, or a shape/key mismatch
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{directory / 'model.safetensors'} does not hold the model {config_file} "
+                         f"describes ({type(error).__name__}: {first[:200]})") from None
     return model.to(device).eval(), meta

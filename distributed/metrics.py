@@ -5,7 +5,7 @@ steps completed), `stage`, `attempt` (0 for the first launch, +1 per resume) and
 - "train" (every step): loss, lr, tokens, flops (cumulative training FLOPs), tokens_per_s, step_time,
   peak_memory_bytes, params_total, params_trainable, grad_norm, optimizer_state_bytes;
 - "eval": val_loss (plus tokens, flops), with `when`: "interval", "stage_end" or "realized" (right
-  after the full-rank finish realized the model: linformer -> exact attention changes the function);
+  after the full-rank finish realized the model: compressed -> exact attention changes the function);
 - "stage_start" / "stage_end": structure, parameter counts, optimizer_state_bytes,
   block_digests (sha256 prefixes of each block's weights, identical on every rank) ...
 A resumed run appends: steps between its checkpoint and the crash appear again with a higher

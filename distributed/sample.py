@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.tokenizer import get_encoding
+from data.tokenizer import TokenizerUnavailableError, get_encoding
 from distributed.export import final_dir, load_final
 from model import GPT
 
@@ -72,24 +72,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "num_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+                for name in ("max_new_tokens", "num_samples") if getattr(args, name) < 1]
     if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
+        problems.append(f"--temperature must be >= 0 (got {args.temperature}; 0 = greedy)")
     if args.top_k < 0:
-        parser.error("--top-k must be >= 0")
+        problems.append(f"--top-k must be >= 0 (got {args.top_k}; 0 = all)")
+    if problems:  # one line each, without argparse's usage block
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        raise SystemExit(2)
     return args
+
+
+def device_problem(name: str) -> str | None:
+    """Why `--device name` cannot be used on this machine, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device; valid: cpu, cuda, cuda:N"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"--device {name}: this machine has no CUDA device; valid here: cpu"
+        if device.index is not None and device.index >= count:
+            return f"--device {name}: this machine has {count} CUDA device(s); valid: cuda:0..cuda:{count - 1}"
+    elif device.type not in ("cpu", "mps"):
+        return f"--device {name!r}: unsupported device type; valid: cpu, cuda, cuda:N"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = device_problem(args.device)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         model, meta = load_final(args.run_dir, device=args.device)
     except FileNotFoundError:
         print(f"error: {missing_final_message(args.run_dir)}", file=sys.stderr)
         return 1
-    encoding = get_encoding(meta["encoding"])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        encoding = get_encoding(meta.get("encoding"))
+    except (ValueError, TokenizerUnavailableError) as error:
+        print(f"error: {final_dir(args.run_dir) / 'config.json'}: encoding {meta.get('encoding')!r}: "
+              f"{str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     # allowed_special: a prompt may start a fresh document with <|endoftext|>.
     prompt_ids = encoding.encode(args.prompt, allowed_special="all")
     if not prompt_ids:

@@ -2,7 +2,8 @@
 
     plan = build_plan(cfg, world_size=2)
     print(format_plan(plan))
-    lr = learning_rate(cfg, plan, step)
+    lr = learning_rate(cfg, plan, step) * new_parameter_warmup(cfg, plan, step)  # for new parameters
+    block_budgets(cfg, plan)   # per block: steps trained and the LR summed over them
 
 A plan is a list of stages; each stage fixes the model's structure for a contiguous range of optimizer
 steps: how many blocks exist, which blocks and whether the embeddings are frozen, and whether the
@@ -12,6 +13,9 @@ model has been realized (every approximation made dense). The training loop only
   top: growth is forward only) until `model.n_layer`. Without it one stage holds every block.
 - `freeze_previous` freezes every block older than the newest one, from the second stage on (and the
   embeddings with `freeze_embeddings`).
+- With `growth_fraction` (default) blocks are added during that first share of the steps before the
+  finish and the last growth stage trains every block for the rest, so late blocks are not starved;
+  `block_budgets` gives each block's steps and LR integral, `dense_lr_integral` the dense baseline's.
 - `full_rank_finish` adds a last stage that realizes the model, unfreezes everything and trains on for
   `finish_fraction` of the steps.
 
@@ -102,6 +106,33 @@ def _structure_flops(config: GPTConfig, n_blocks: int, frozen: tuple[int, ...],
     return model.training_flops_per_token().training
 
 
+def _structure_model(config: GPTConfig, stage: Stage) -> GPT:
+    # Only shapes, names and requires_grad matter; the meta device allocates nothing.
+    with torch.device("meta"):
+        model = GPT(dense_model_config(config) if stage.realize else config,
+                    n_initial_layers=stage.n_blocks)
+    for i in stage.frozen_blocks:
+        model.freeze_layer(i)
+    if stage.embeddings_frozen:
+        model.freeze_embeddings()
+    return model
+
+
+def new_parameter_names(cfg: ExperimentConfig, plan: list[Stage], stage: Stage,
+                        carried: bool) -> frozenset[str]:
+    """Trainable parameters of `stage` whose optimizer state starts there: all of them after a
+    boundary when moments are not carried, else those not trainable in the stage before (a grown
+    block, an unfrozen one, the dense weights a realize creates). None in the first stage (the
+    run's warm-up covers it)."""
+    if stage.index == 0:
+        return frozenset()
+    names = {n for n, p in _structure_model(cfg.model, stage).named_parameters() if p.requires_grad}
+    if not carried:
+        return frozenset(names)
+    before = _structure_model(cfg.model, plan[stage.index - 1])
+    return frozenset(names - {n for n, p in before.named_parameters() if p.requires_grad})
+
+
 def build_plan(cfg: ExperimentConfig, world_size: int = 1) -> list[Stage]:
     s, n_layer = cfg.schedule, cfg.model.n_layer
     growth_sizes = list(range(s.initial_layers, n_layer + 1)) if s.layerwise else [n_layer]
@@ -109,7 +140,13 @@ def build_plan(cfg: ExperimentConfig, world_size: int = 1) -> list[Stage]:
     if s.full_rank_finish:
         finish_steps = max(1, round(s.finish_fraction * cfg.train.max_steps))
         finish_steps = min(finish_steps, cfg.train.max_steps - len(growth_sizes))
-    weights = s.stage_weights or [1.0] * len(growth_sizes)
+    n_growth = len(growth_sizes)
+    if s.stage_weights is not None:
+        weights = s.stage_weights
+    elif s.growth_fraction is not None and n_growth > 1:
+        weights = [s.growth_fraction / (n_growth - 1)] * (n_growth - 1) + [1.0 - s.growth_fraction]
+    else:
+        weights = [1.0] * n_growth
     steps = split_steps(cfg.train.max_steps - finish_steps, weights)
     per_step = tokens_per_step(cfg, world_size)
 
@@ -174,22 +211,110 @@ def format_plan(plan: list[Stage]) -> str:
     return "\n".join(lines)
 
 
+def _cosine(it: int, start: int, length: int, peak: float, floor: float) -> float:
+    """Cosine from `peak` (iteration `start`) to `floor` (iteration start + length, clamped after)."""
+    ratio = min(1.0, max(0, it - start) / max(1, length))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+def decay_steps(cfg: ExperimentConfig) -> int:
+    """Length of wsd's final decay: the finish's steps when there is one, else the same share of the
+    run (so a variant and its dense baseline decay over the same steps)."""
+    t, s = cfg.train, cfg.schedule
+    return max(1, min(round(s.finish_fraction * t.max_steps), t.max_steps - t.warmup_steps))
+
+
 def learning_rate(cfg: ExperimentConfig, plan: list[Stage], step: int) -> float:
-    """LR for optimizer step `step` (1-based): one linear warm-up + cosine decay to min_lr over the
-    whole run, times a linear re-warm-up over the first `rewarmup_steps` steps of every stage after
-    the first (a new block, a freeze or realizing changes the loss landscape; Adam's moments for new
-    parameters start at zero)."""
+    """The schedule's LR for optimizer step `step` (1-based), before the per-group multipliers and
+    the warm-up of new parameters (`new_parameter_warmup`).
+
+    cosine: nanoGPT's linear warm-up over `warmup_steps`, cosine to min_lr at the last step.
+    wsd:    the same warm-up, then constant, then a linear decay to min_lr over the final
+            `decay_steps` (the finish, when there is one): late blocks train at the full LR.
+    stage:  every stage its own warm-up (the run's for the first, `rewarmup_steps` after) and cosine
+            to min_lr at its end."""
     t = cfg.train
     it = step - 1  # iterations completed before this step, as in nanoGPT
+    kind = cfg.schedule.lr_schedule
+    if kind == "stage":
+        stage = stage_at(plan, it)
+        warm = t.warmup_steps if stage.index == 0 else cfg.schedule.rewarmup_steps
+        warm = min(warm, stage.steps - 1)
+        into = it - stage.start_step
+        if into < warm:
+            return t.learning_rate * (into + 1) / (warm + 1)
+        return _cosine(into, warm, stage.steps - 1 - warm, t.learning_rate, t.min_lr)
     if it < t.warmup_steps:
-        lr = t.learning_rate * (it + 1) / (t.warmup_steps + 1)
-    else:
-        decay_steps = max(1, t.max_steps - t.warmup_steps)
-        ratio = min(1.0, (it - t.warmup_steps) / decay_steps)
-        lr = t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+        return t.learning_rate * (it + 1) / (t.warmup_steps + 1)
+    if kind == "cosine":
+        return _cosine(it, t.warmup_steps, t.max_steps - t.warmup_steps, t.learning_rate, t.min_lr)
+    length = decay_steps(cfg)
+    into = it - (t.max_steps - length)  # 0 on the decay's first step, length - 1 on the run's last
+    if into < 0:
+        return t.learning_rate
+    return t.learning_rate + (into + 1) / length * (t.min_lr - t.learning_rate)
+
+
+def new_parameter_warmup(cfg: ExperimentConfig, plan: list[Stage], step: int) -> float:
+    """LR factor for parameters whose optimizer state starts in the stage of `step` (a grown block,
+    the dense weights a realize creates): a linear ramp over `rewarmup_steps`. Parameters whose Adam
+    moments are carried over follow the schedule unchanged; under `stage` every parameter re-warms
+    with its stage, so the factor is 1."""
+    it = step - 1
     stage = stage_at(plan, it)
     k = cfg.schedule.rewarmup_steps
-    into_stage = it - stage.start_step
-    if stage.index > 0 and into_stage < k:
-        lr *= (into_stage + 1) / (k + 1)
-    return lr
+    into = it - stage.start_step
+    if cfg.schedule.lr_schedule == "stage" or stage.index == 0 or into >= k:
+        return 1.0
+    return (into + 1) / (k + 1)
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    index: int
+    steps_trained: int     # optimizer steps in which the block is trainable
+    lr_integral: float     # the schedule's LR summed over exactly those steps
+
+
+def block_budgets(cfg: ExperimentConfig, plan: list[Stage]) -> list[BlockBudget]:
+    """Every block's update budget under the plan: a block trains from the stage that adds it to the
+    end, except in the stages that freeze it (it trains again in the finish)."""
+    lrs = [learning_rate(cfg, plan, step) for step in range(1, cfg.train.max_steps + 1)]
+    out = []
+    for i in range(cfg.model.n_layer):
+        steps = [n for st in plan if i < st.n_blocks and i not in st.frozen_blocks
+                 for n in range(st.start_step, st.end_step)]
+        out.append(BlockBudget(i, len(steps), math.fsum(lrs[n] for n in steps)))
+    return out
+
+
+def dense_baseline_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The ablation's dense baseline of `cfg`: every block from step 0, nothing frozen, no finish,
+    the same steps and the same LR schedule."""
+    schedule = cfg.schedule.model_copy(update={"layerwise": False, "freeze_previous": False,
+                                               "freeze_embeddings": False, "full_rank_finish": False})
+    return cfg.model_copy(update={"schedule": schedule})
+
+
+def dense_lr_integral(cfg: ExperimentConfig) -> float:
+    """One block's LR integral in the dense baseline (every block trains every step)."""
+    dense = dense_baseline_config(cfg)
+    return block_budgets(dense, build_plan(dense))[0].lr_integral
+
+
+def plan_record(cfg: ExperimentConfig, plan: list[Stage]) -> dict:
+    """The plan as JSON-able data: stages, per-block budgets and the dense baseline's budget."""
+    return {"lr_schedule": cfg.schedule.lr_schedule, "stages": [vars(s) for s in plan],
+            "blocks": [vars(b) for b in block_budgets(cfg, plan)],
+            "dense_lr_integral": dense_lr_integral(cfg)}
+
+
+def format_budgets(record: dict) -> str:
+    """The per-block budget table of `plan_record`."""
+    dense = record["dense_lr_integral"]
+    lines = [f"per-block budget ({record['lr_schedule']} LR; dense baseline: {dense:.4g} per block)",
+             "block  steps  LR integral  / dense"]
+    for b in record["blocks"]:
+        lines.append(f"{b['index']:<5}  {b['steps_trained']:>5}  {b['lr_integral']:>11.4g}  "
+                     f"{b['lr_integral'] / dense:>7.1%}")
+    return "\n".join(lines)

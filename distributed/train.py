@@ -13,9 +13,13 @@ Exact resume: batches are a function of (seed, step, rank), the LR a function of
 are initialised from a seed derived from (seed, block index), and the checkpoint holds the weights,
 optimizer state and every rank's RNG states, so a resumed run repeats the uninterrupted run's losses.
 
-Faults: SIGTERM (preemption) finishes the current step, checkpoints and returns normally (exit 0); a
-non-finite loss raises NonFiniteLossError naming the step and stage, before the step is applied and
-without saving, so the last good checkpoint stays `latest`. `debug.kill_at_step` makes a rank SIGKILL
+Host syncs: the loss stays on the device between syncs, every `train.log_interval` steps and at
+every step an evaluation, checkpoint or stage end follows; the train record of a sync is the mean
+over its window of steps. Stop requests and the loss check are read at syncs.
+
+Faults: SIGTERM (preemption) stops at the next sync, checkpoints and returns normally (exit 0); a
+non-finite loss raises NonFiniteLossError at the sync that sees it, naming the steps and stage,
+before that step is applied and without saving, so the last good checkpoint stays `latest`. `debug.kill_at_step` makes a rank SIGKILL
 itself after a step (and its checkpoint): tests of recovery use it.
 """
 from __future__ import annotations
@@ -41,11 +45,14 @@ import yaml
 from data import build_token_cache, get_encoding, train_batch, validation_batches
 from distributed import checkpoint as ckpt
 from distributed.config import ConfigError, ExperimentConfig, load_config
-from distributed.engine import (block_digests, build_engine, compiled_graph_count, destroy_engine,
-                                full_state_dict, init_distributed, optimizer_state_bytes,
-                                quiet_deepspeed_logging, same_on_every_rank, set_learning_rate)
+from distributed.engine import (block_digests, build_engine, carries_optimizer_state, compiled_graph_count,
+                                destroy_engine, full_state_dict, init_distributed, load_optimizer_moments,
+                                optimizer_moments, optimizer_state_bytes, quiet_deepspeed_logging,
+                                same_on_every_rank, set_learning_rate)
 from distributed.metrics import MetricsLogger, peak_memory_bytes
-from distributed.schedule import Stage, build_plan, format_plan, learning_rate, tokens_per_step
+from distributed.preflight import preflight
+from distributed.schedule import (Stage, build_plan, format_budgets, format_plan, learning_rate,
+                                  new_parameter_names, new_parameter_warmup, plan_record, tokens_per_step)
 from model import GPT
 
 # DeepSpeed (imported lazily by distributed/engine.py) picks its accelerator at import time and warns
@@ -55,8 +62,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 
 ReportFn = Callable[[dict, "str | None"], None]
-# Config sections that may change between a run and its resume (they do not affect the math).
-RESUME_MUTABLE = ("name", "out_dir", "debug", "wandb", "data.cache_dir", "data.num_proc")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,20 +108,6 @@ def initial_model(cfg: ExperimentConfig, plan: list[Stage]) -> GPT:
     return model
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        path = f"{prefix}{key}"
-        if any(path == m or path.startswith(m + ".") for m in RESUME_MUTABLE):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += config_differences(a, b, path + ".")
-        elif a != b:
-            keys.append(f"{path}: {a!r} -> {b!r}")
-    return keys
-
-
 class Trainer:
     """State of one run on one rank; `run()` below is the public entry point."""
 
@@ -136,37 +127,33 @@ class Trainer:
         self.flops = 0
         self.val_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        # The loss window since the last host sync (see _train_step).
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.window_micro_steps = self.window_steps = 0
+        self.window_started: float | None = None
 
     # ------------------------------------------------------------ set-up
 
     def prepare(self, resume: bool | str) -> None:
         cfg = self.cfg
-        found = ckpt.latest_checkpoint(self.run_dir)
+        # preflight() has checked the resume flag, the config and the world size against the newest
+        # complete checkpoint; rank 0 now also checks the files against its manifest (falling back
+        # past a damaged one) and every rank resumes from its choice.
+        choice = [ckpt.latest_checkpoint(self.run_dir, verify=True) if self.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        found = choice[0]
         if resume is True and found is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.checkpoint_root(self.run_dir)}")
-        if resume is False and found is not None:
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest {found[0]}); "
-                                  "resume it or choose another --run-dir")
         resuming = found is not None
         config_file = self.run_dir / "config.yaml"
-        if resuming and config_file.is_file():
-            changed = config_differences(yaml.safe_load(config_file.read_text()), cfg.to_yaml_dict())
-            if changed:
-                raise ConfigError(f"cannot resume {self.run_dir} with a different config: " + "; ".join(changed))
-        if resuming and found[1]["world_size"] != self.world_size:
-            raise ConfigError(f"{self.run_dir} was checkpointed with {found[1]['world_size']} processes; "
-                              f"resume it with the same number (got {self.world_size})")
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resuming:
+            if not resuming or not config_file.is_file():  # a copy for people; checkpoints hold theirs
                 config_file.write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
         dist.barrier()
 
         # Every rank opens (or, the first, builds) the token cache; a file lock serialises builders.
         self.cache = build_token_cache(cfg.data)
-        if self.cache.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's {self.cache.vocab_size} tokens")
         self.val_batches = validation_batches(
             self.cache.val, batch_size=cfg.train.micro_batch_size, block_size=cfg.model.block_size,
             num_tokens=cfg.data.val_tokens, rank=self.rank, world_size=self.world_size)
@@ -177,37 +164,46 @@ class Trainer:
             self.step, self.tokens, self.flops = meta["step"], meta["tokens"], meta["flops"]
             self.stage_index, self.val_loss = meta["stage"], meta.get("val_loss")
             model = ckpt.build_model(cfg, meta["structure"])
-            self._build(model, realized=meta["structure"]["realized"])
+            self._build(model, realized=meta["structure"]["realized"], stage=self.plan[self.stage_index])
             ckpt.load_checkpoint(self.engine, self.run_dir, tag)
             self.last_checkpoint = ckpt.checkpoint_root(self.run_dir) / tag
         else:
             model = initial_model(cfg, self.plan)
-            self._build(model, realized=self.plan[0].realize)
+            self._build(model, realized=self.plan[0].realize, stage=self.plan[0])
             # The training streams (dropout, ...) differ per rank and are saved with every checkpoint.
             torch.manual_seed(cfg.seed + 1 + self.rank)
             np.random.seed((cfg.seed + 1 + self.rank) % 2**32)
             random.seed(cfg.seed + 1 + self.rank)
+        record = plan_record(cfg, self.plan)  # stages, per-block budgets, the dense baseline's
         self.log.log("run_start", self.step, self.stage_index, world_size=self.world_size,
-                     resumed_from=found[0] if resuming else None, plan=[vars(s) for s in self.plan])
+                     resumed_from=found[0] if resuming else None, plan=record["stages"],
+                     lr_schedule=record["lr_schedule"], blocks=record["blocks"],
+                     dense_lr_integral=record["dense_lr_integral"])
         self.log.write(f"run dir: {self.run_dir}  (world size {self.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                        f"{cfg.deepspeed.precision}, {self.tokens_per_step:,} tokens/step)\n"
-                       + format_plan(self.plan)
+                       + format_plan(self.plan) + "\n" + format_budgets(record)
                        + (f"\nresuming from {found[0]} (step {self.step})" if resuming else ""))
         if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
             self.log.write("train.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks break the "
                            "compiled graph at every module (tens of graphs per stage), so expect little gain")
 
-    def _build(self, model: GPT, realized: bool) -> None:
-        """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine."""
+    def _build(self, model: GPT, realized: bool, stage: Stage) -> None:
+        """Record what the plain model is (structure, counts, FLOPs), then wrap it in an engine whose
+        optimizer groups mark the parameters that are new in `stage` (a function of the plan, so a
+        resumed engine has the same groups as the saved one)."""
         self.structure = ckpt.describe_structure(model, realized)
         self.params = model.param_counts()
         self.flops_per_token = model.training_flops_per_token().training
-        self.engine = build_engine(model, self.cfg, self.device)
+        self.new_params = new_parameter_names(self.cfg, self.plan, stage, carries_optimizer_state(self.cfg))
+        self.engine = build_engine(model, self.cfg, self.device, self.new_params)
         self.opt_bytes: int | None = None
         self.graphs_before_stage = compiled_graph_count()
 
     def _enter_stage(self, stage: Stage) -> None:
         """Rebuild for the next stage: gather full weights, drop the engine, mutate a fresh model."""
+        # Adam's moments of the parameters that survive the boundary carry over (no re-warm-up, no
+        # loss spike at the realize); see engine.carries_optimizer_state for where they cannot.
+        moments = optimizer_moments(self.engine) if carries_optimizer_state(self.cfg) else {}
         state = full_state_dict(self.engine)
         destroy_engine(self.engine)
         self.engine = None
@@ -215,11 +211,14 @@ class Trainer:
         model.load_state_dict(state)
         del state
         apply_stage(model, stage, self.cfg.seed)
-        self._build(model, realized=stage.realize)
+        self._build(model, realized=stage.realize, stage=stage)
+        carried = load_optimizer_moments(self.engine, moments, set(moments) - self.new_params)
+        del moments
         self.stage_index = stage.index
-        self._log_stage("stage_start", stage)
+        self._log_stage("stage_start", stage, carried_optimizer_state=carried,
+                        new_parameters=len(self.new_params))
         if stage.realize:
-            # Realizing makes linformer attention exact: the function changes, so measure it again.
+            # Realizing makes compressed attention exact: the function changes, so measure it again.
             record = self._evaluate("realized", stage)
             if self.report is not None:
                 self.report(record, None)
@@ -229,15 +228,29 @@ class Trainer:
     def _stop_requested(self) -> bool:
         return self.signalled or (self.stop_event is not None and self.stop_event.is_set())
 
+    def _sync_due(self, number: int, stage: Stage) -> bool:
+        """Whether step `number` brings the loss to the host: every train.log_interval steps, and at
+        every step an evaluation, a checkpoint or a stage boundary follows, so no step with a
+        non-finite loss is ever evaluated or saved, and a run resumed from any checkpoint logs the
+        same windows of steps as the uninterrupted run."""
+        t = self.cfg.train
+        return (number % t.log_interval == 0 or number == stage.end_step or number % t.eval_interval == 0
+                or bool(t.checkpoint_interval and number % t.checkpoint_interval == 0))
+
     def _train_step(self, stage: Stage) -> bool:
-        """One optimizer step; returns whether any rank was asked to stop."""
+        """One optimizer step; returns whether any rank was asked to stop (known at syncs only).
+
+        Between syncs the loss stays on the device (summed into self.loss_sum): reading it every
+        micro-step would make the host wait for the GPU each time."""
         cfg, engine = self.cfg, self.engine
         number = self.step + 1
+        sync = self._sync_due(number, stage)
         lr = learning_rate(cfg, self.plan, number)
-        set_learning_rate(engine, lr)
+        set_learning_rate(engine, lr, new_parameter_warmup(cfg, self.plan, number))
         engine.train()
-        started = time.perf_counter()
-        losses, stop = [], False
+        if self.window_started is None:
+            self.window_started = time.perf_counter()
+        stop, mean_loss = False, math.nan
         for micro in range(cfg.train.grad_accum_steps):
             x, y = train_batch(self.cache.train, seed=cfg.seed, step=self.step, rank=self.rank,
                                world_size=self.world_size, batch_size=cfg.train.micro_batch_size,
@@ -245,37 +258,54 @@ class Trainer:
             _, loss = engine(x.to(self.device), y.to(self.device))
             if cfg.debug.nan_at_step == number:
                 loss = loss * float("nan")
-            # One all-reduce gives every rank the mean loss (to check and log) and any stop request.
-            shared = torch.tensor([loss.item(), float(self._stop_requested())], dtype=torch.float64,
-                                  device=self.device)
-            dist.all_reduce(shared)
-            mean_loss = shared[0].item() / self.world_size
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({mean_loss}) at step {number}, micro-step {micro}, "
-                    f"stage {stage.index} ({stage.name}); nothing of this step was applied or saved; "
-                    f"the last good checkpoint is {self.last_checkpoint or 'none (no checkpoint yet)'}")
-            stop = stop or shared[1].item() > 0
+            self.loss_sum += loss.detach().double()
+            self.window_micro_steps += 1
+            if sync and micro == cfg.train.grad_accum_steps - 1:
+                # One all-reduce gives every rank the window's mean loss (to check and log) and any
+                # stop request; before the last backward, so this step is not applied if it diverged.
+                shared = torch.stack([self.loss_sum, torch.tensor(float(self._stop_requested()),
+                                                                  dtype=torch.float64, device=self.device)])
+                dist.all_reduce(shared)
+                mean_loss = shared[0].item() / (self.world_size * self.window_micro_steps)
+                if not math.isfinite(mean_loss):
+                    first = number - self.window_steps
+                    steps = f"step {number}" if first == number else f"steps {first}..{number}"
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({mean_loss}) in {steps}, stage {stage.index} "
+                        f"({stage.name}); step {number} was not applied and nothing since the last "
+                        f"checkpoint was saved; the last good checkpoint is "
+                        f"{self.last_checkpoint or 'none (no checkpoint yet)'}")
+                stop = shared[1].item() > 0
             engine.backward(loss)
             engine.step()
-            losses.append(mean_loss)
-        step_time = time.perf_counter() - started
         self.step = number
+        self.window_steps += 1
         self.tokens += self.tokens_per_step
         self.flops += self.flops_per_token * self.tokens_per_step
         if self.opt_bytes is None:  # optimizer state exists once the stage's first step ran
             self.opt_bytes = optimizer_state_bytes(engine)
-        loss = sum(losses) / len(losses)
-        grad_norm = engine.get_global_grad_norm()
+        if sync:
+            self._log_window(stage, lr, mean_loss)
+        return stop
+
+    def _log_window(self, stage: Stage, lr: float, loss: float) -> None:
+        """The train record of the steps since the last sync (their mean loss; this step's LR and
+        gradient norm), then a fresh window."""
+        window_time = time.perf_counter() - self.window_started
+        grad_norm = self.engine.get_global_grad_norm()
         self.log.log("train", self.step, stage.index, loss=loss, lr=lr, tokens=self.tokens, flops=self.flops,
-                     tokens_per_s=self.tokens_per_step / step_time, step_time=step_time,
+                     steps_averaged=self.window_steps,
+                     tokens_per_s=self.tokens_per_step * self.window_steps / window_time,
+                     step_time=window_time / self.window_steps,
                      peak_memory_bytes=peak_memory_bytes(), params_total=self.params["total"],
                      params_trainable=self.params["trainable"],
                      grad_norm=None if grad_norm is None else float(grad_norm),
                      optimizer_state_bytes=self.opt_bytes)
         self.log.progress(self.step, loss=f"{loss:.4f}", stage=stage.index,
                           val=f"{self.val_loss:.4f}" if self.val_loss is not None else "-")
-        return stop
+        self.loss_sum.zero_()
+        self.window_micro_steps = self.window_steps = 0
+        self.window_started = None
 
     @torch.no_grad()
     def _evaluate(self, when: str, stage: Stage) -> dict:
@@ -297,16 +327,17 @@ class Trainer:
         dist.all_reduce(totals)
         engine.train()
         self.val_loss = (totals[0] / totals[1]).item()
+        # Compressed attention's per-layer slot diagnostics from the last eval forward (this rank's).
+        diagnostics = self.engine.module.attention_diagnostics()
         record = self.log.log("eval", self.step, stage.index, when=when, val_loss=self.val_loss,
-                              tokens=self.tokens, flops=self.flops)
+                              tokens=self.tokens, flops=self.flops, **diagnostics)
         self.log.write(f"step {self.step} stage {stage.index} ({stage.name}) {when}: val_loss {self.val_loss:.4f}")
         return record
 
-    def _log_stage(self, event: str, stage: Stage) -> dict:
+    def _log_stage(self, event: str, stage: Stage, **extra) -> dict:
         digests = block_digests(self.engine)
         if not same_on_every_rank(digests):
             raise RuntimeError(f"{event} of stage {stage.index}: model weights differ between ranks")
-        extra = {}
         if event == "stage_end":  # the optimizer state exists once the stage has stepped
             per_rank = [None] * self.world_size
             dist.all_gather_object(per_rank, self.opt_bytes)
@@ -320,7 +351,8 @@ class Trainer:
     def _save(self, stage: Stage) -> Path:
         meta = {"step": self.step, "stage": stage.index, "stage_complete": self.step == stage.end_step,
                 "structure": self.structure, "tokens": self.tokens, "flops": self.flops,
-                "val_loss": self.val_loss, "zero_stage": self.cfg.deepspeed.zero_stage}
+                "val_loss": self.val_loss, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "config": self.cfg.to_yaml_dict()}  # resume refuses another config, config.yaml or not
         self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.run_dir, meta,
                                                     keep=self.cfg.train.keep_checkpoints)
         return self.last_checkpoint
@@ -369,7 +401,7 @@ class Trainer:
             model.load_state_dict(state)
             model.realize()  # a no-op after the full-rank finish
             encoding = get_encoding(self.cfg.data.tokenizer)
-            save_final(model, final, encoding_name=self.cfg.data.tokenizer, eot_token=encoding.eot_token,
+            save_final(model, final, encoding_name=self.cfg.data.tokenizer, encoding=encoding,
                        extra_meta={"run": self.cfg.name, "steps": self.step, "tokens": self.tokens,
                                    "training_flops": self.flops, "val_loss": self.val_loss,
                                    "realized_by_finish": bool(self.structure["realized"])})
@@ -395,6 +427,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool |
     checkpoint written at that step or None. Ray Train's `train.report` fits (it wants all ranks).
     stop_event: set it (or send SIGTERM) to stop after the current step with a checkpoint.
     The process group is created when none exists and left initialised on return."""
+    preflight(cfg, Path(run_dir or cfg.out_dir), resume)  # before the process group and any file
     trainer = Trainer(cfg, Path(run_dir or cfg.out_dir), report, stop_event)
     previous = None
     if threading.current_thread() is threading.main_thread():

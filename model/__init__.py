@@ -2,6 +2,7 @@
 from model.config import (SITES, ApproxConfig, AttentionSpec, BlockApprox, BlockApproxOverride,
                           GPTConfig, LinearSpec)
 from model.gpt import GPT
+from model.kinds import ParamRole
 
 __all__ = ["GPT", "GPTConfig", "ApproxConfig", "BlockApprox", "BlockApproxOverride", "LinearSpec",
-           "AttentionSpec", "SITES"]
+           "AttentionSpec", "SITES", "ParamRole"]

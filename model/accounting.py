@@ -3,10 +3,8 @@
 FLOPs are matmul FLOPs per token (2 per multiply-add), the convention of nanoGPT's estimate_mfu and
 PaLM's appendix; elementwise work (norms, GELU, softmax, biases) is left out.
 
-Forward, per token:
-- linear site: dense 2*in*out; lowrank 2*rank*(in + out); abba 2*r1*r2*(in + out). Forming ABBA's
-  Khatri-Rao factors costs r1*r2*(in + out) multiplies per forward pass, not per token, so it is
-  negligible per token and not counted.
+Forward, per token, as each kind declares it (model/kinds.py, `forward_flops`):
+- linear site: dense 2*in*out; lowrank 2*rank*(in + out); abba 2*r1*r2*(in + out).
 - lm_head: 2 * n_embd * vocab_size.
 - Attention is counted as computed, so that the FLOPs axis of an ablation compares what each core
   costs, not a convention:
@@ -15,10 +13,8 @@ Forward, per token:
     kernel, FlashAttention on GPUs) skip the blocks above the diagonal, so this is their work up to
     one tile. nanoGPT's estimate_mfu and PaLM's appendix count all T keys (2 * 2 * T * n_embd), as
     does torch.utils.flop_counter: their figures are higher by that difference.
-  - linformer attention: 2 * 2 * (k + chunk + window) * n_embd for scores and values over the slots
-    and the exact keys each query's chunk holds (all of them, masked or not: the fused kernel with
-    an explicit mask computes every score), plus 2 * 2 * k * n_embd to compress keys and values
-    into k slots. The cumulative sum over chunks is O(k * n_embd / chunk) per token, not counted.
+  - compressed attention: every score of every chunk's slots and local keys (masked or not: the
+    fused kernel with an explicit mask computes every score) plus the pooling matmuls.
 
 Training, per token, follows what autograd actually executes, op by op in forward order:
 - a matmul with a weight costs F (forward) + F if its input needs a gradient (backward to the input)
@@ -36,9 +32,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from model.attention import CausalLinformerAttention, FullCausalAttention
 from model.config import SITES
-from model.linear import ABBALinear, LowRankLinear
+from model.kinds import full_attention_flops
 
 
 @dataclass(frozen=True)
@@ -78,21 +73,17 @@ def param_counts(model: nn.Module) -> dict[str, int]:
             "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
-def linear_forward_flops(layer: nn.Module) -> int:
-    if isinstance(layer, LowRankLinear):
-        return 2 * layer.rank * (layer.in_features + layer.out_features)
-    if isinstance(layer, ABBALinear):
-        return 2 * layer.r1 * layer.r2 * (layer.in_features + layer.out_features)
-    return 2 * layer.in_features * layer.out_features
-
-
-def attention_forward_flops(core: nn.Module, seq_len: int, n_embd: int) -> tuple[int, int]:
-    """(scores-and-values FLOPs, compression FLOPs) per token of one attention core."""
-    if isinstance(core, FullCausalAttention):
-        return 2 * n_embd * (seq_len + 1), 0  # 2 * 2 * n_embd * (T + 1) / 2: the causal half
-    if isinstance(core, CausalLinformerAttention):
-        return 2 * 2 * (core.k + core.chunk + core.window) * n_embd, 2 * 2 * core.k * n_embd
-    raise TypeError(f"no FLOP count for attention core {type(core).__name__}")
+def core_flops_ratio(model: nn.Module, seq_len: int | None = None) -> list[float]:
+    """Per block: forward FLOPs of its attention core over full causal attention's at seq_len."""
+    config = model.config
+    seq_len = config.block_size if seq_len is None else seq_len
+    full = full_attention_flops(seq_len, config.n_embd)
+    out = []
+    for block in model.transformer.h:
+        spec = block.approx.attention
+        core = spec.of_kind.forward_flops(spec, seq_len, config.n_embd, config.n_head)
+        out.append((core.projection + core.activation) / full)
+    return out
 
 
 class _Tally:
@@ -123,18 +114,25 @@ def training_flops_per_token(model: nn.Module, seq_len: int | None = None) -> Fl
         tally = _Tally()
         attn, mlp = block.attn, block.mlp
         needs_grad = needs_grad or _trainable(block.ln_1)
-        tally.weight_matmul(linear_forward_flops(attn.c_attn), needs_grad, _trainable(attn.c_attn))
+        approx = block.approx  # the specs this block's modules were built from
+
+        def linear(site: str) -> int:
+            spec = getattr(approx, site)
+            return spec.of_kind.forward_flops(spec, *config.site_shape(site))
+
+        tally.weight_matmul(linear("attn_qkv"), needs_grad, _trainable(attn.c_attn))
         qkv_needs_grad = needs_grad or _trainable(attn.c_attn)
-        scores, compression = attention_forward_flops(attn.core, seq_len, config.n_embd)
-        if compression:
-            tally.weight_matmul(compression, qkv_needs_grad, _trainable(attn.core))
+        spec = approx.attention
+        core = spec.of_kind.forward_flops(spec, seq_len, config.n_embd, config.n_head)
+        if core.projection:
+            tally.weight_matmul(core.projection, qkv_needs_grad, _trainable(attn.core))
         core_needs_grad = qkv_needs_grad or _trainable(attn.core)
-        tally.activation_matmul(scores, core_needs_grad)
-        tally.weight_matmul(linear_forward_flops(attn.c_proj), core_needs_grad, _trainable(attn.c_proj))
+        tally.activation_matmul(core.activation, core_needs_grad)
+        tally.weight_matmul(linear("attn_proj"), core_needs_grad, _trainable(attn.c_proj))
         needs_grad = needs_grad or core_needs_grad or _trainable(attn.c_proj) or _trainable(block.ln_2)
-        tally.weight_matmul(linear_forward_flops(mlp.c_fc), needs_grad, _trainable(mlp.c_fc))
+        tally.weight_matmul(linear("mlp_fc"), needs_grad, _trainable(mlp.c_fc))
         hidden_needs_grad = needs_grad or _trainable(mlp.c_fc)
-        tally.weight_matmul(linear_forward_flops(mlp.c_proj), hidden_needs_grad, _trainable(mlp.c_proj))
+        tally.weight_matmul(linear("mlp_proj"), hidden_needs_grad, _trainable(mlp.c_proj))
         needs_grad = hidden_needs_grad or _trainable(mlp.c_proj)
         blocks.append(tally.count())
     head = _Tally()
@@ -148,6 +146,7 @@ def summary(model: nn.Module, seq_len: int | None = None) -> str:
     config = model.config
     flops = training_flops_per_token(model, seq_len)
     frozen = set(model.frozen_layers())
+    ratios = core_flops_ratio(model, flops.seq_len)
     lines = [f"GPT: {model.n_blocks} blocks (target depth {config.n_layer}), n_embd={config.n_embd}, "
              f"n_head={config.n_head}, vocab={config.vocab_size}, block_size={config.block_size}",
              f"embeddings: {'frozen' if model.embeddings_frozen() else 'trainable'} (wte tied with lm_head)"]
@@ -155,7 +154,8 @@ def summary(model: nn.Module, seq_len: int | None = None) -> str:
         approx = model.block_approx(i)
         sites = " ".join(f"{site}={getattr(approx, site).describe()}" for site in SITES)
         block_flops = flops.blocks[i]
-        lines.append(f"block {i}: {sites} attention={approx.attention.describe()}"
+        core = f" (core {ratios[i]:.3f}x full causal)" if approx.attention.approximated else ""
+        lines.append(f"block {i}: {sites} attention={approx.attention.describe()}{core}"
                      f"{' [frozen]' if i in frozen else ''} | FLOPs/token fwd={block_flops.forward:,} "
                      f"train={block_flops.training:,}")
     counts = param_counts(model)

@@ -2,73 +2,17 @@
 
 `GPTConfig` keeps nanoGPT's field names so nanoGPT-style code and checkpoints carry over, and adds
 `approx`: which approximation each block uses. Validation lives here, next to the shapes it checks,
-so any caller (YAML loader, tests, the tune grid) gets the same one-line errors.
+so any caller (YAML loader, tests, the tune grid) gets the same one-line errors. The per-site and
+attention specs, and the checks that depend on their kind, live with the kinds in model/kinds.py.
 """
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from model.kinds import AttentionSpec, LinearSpec
+from common import StrictModel as _Strict
 
 SITES = ("attn_qkv", "attn_proj", "mlp_fc", "mlp_proj")
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors, not silently ignored: a typo in an ablation axis must not run the
-    # wrong experiment.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LinearSpec(_Strict):
-    """How one linear site is parameterised.
-
-    dense: a plain nn.Linear.  lowrank: W = b @ a with inner dimension `rank`.
-    abba: W = (b1 @ a1) * (b2 @ a2), Hadamard product of two low-rank factors (rank <= r1*r2).
-    """
-
-    kind: Literal["dense", "lowrank", "abba"] = "dense"
-    rank: int | None = Field(default=None, ge=1)
-    r1: int | None = Field(default=None, ge=1)
-    r2: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _needs_ranks(self) -> "LinearSpec":
-        if self.kind == "lowrank" and self.rank is None:
-            raise ValueError("kind 'lowrank' needs `rank` (an integer >= 1)")
-        if self.kind == "abba" and (self.r1 is None or self.r2 is None):
-            raise ValueError("kind 'abba' needs `r1` and `r2` (integers >= 1)")
-        return self
-
-    @property
-    def approximated(self) -> bool:
-        return self.kind != "dense"
-
-    def describe(self) -> str:
-        if self.kind == "lowrank":
-            return f"lowrank(r={self.rank})"
-        if self.kind == "abba":
-            return f"abba(r1={self.r1},r2={self.r2})"
-        return "dense"
-
-
-class AttentionSpec(_Strict):
-    """full: exact causal softmax attention.  linformer: keys/values compressed along the sequence
-    to `k` slots per compressed chunk in a causal way (see model/attention.py), plus an exact local
-    window of `window` positions; `chunk` is the length of the sequence blocks that are compressed."""
-
-    kind: Literal["full", "linformer"] = "full"
-    k: int = Field(default=64, ge=1)
-    window: int = Field(default=0, ge=0)
-    chunk: int = Field(default=64, ge=1)
-
-    @property
-    def approximated(self) -> bool:
-        return self.kind != "full"
-
-    def describe(self) -> str:
-        if self.kind == "linformer":
-            return f"linformer(k={self.k},window={self.window},chunk={self.chunk})"
-        return "full"
 
 
 class BlockApprox(_Strict):
@@ -144,28 +88,10 @@ class GPTConfig(_Strict):
 
 
 def check_block_approx(block: BlockApprox, config: GPTConfig, prefix: str = "approx") -> None:
-    """Raise ValueError naming the key path when a block's settings do not fit the model shape."""
+    """Raise ValueError naming the key path when a block's settings do not fit the model shape (each
+    kind checks its own spec: model/kinds.py)."""
     for site in SITES:
         spec: LinearSpec = getattr(block, site)
-        fan_in, fan_out = config.site_shape(site)
-        limit = min(fan_in, fan_out)
-        if spec.kind == "lowrank" and spec.rank > limit:
-            raise ValueError(f"{prefix}.{site}.rank = {spec.rank} is larger than min(in, out) = "
-                             f"{limit} for a {fan_in}->{fan_out} layer; valid: 1..{limit}")
-        if spec.kind == "abba":
-            for name in ("r1", "r2"):
-                r = getattr(spec, name)
-                if r > limit:
-                    raise ValueError(f"{prefix}.{site}.{name} = {r} is larger than min(in, out) = "
-                                     f"{limit} for a {fan_in}->{fan_out} layer; valid: 1..{limit}")
+        spec.of_kind.check(spec, *config.site_shape(site), prefix=f"{prefix}.{site}")
     att = block.attention
-    if att.kind == "linformer":
-        if att.k > config.block_size:
-            raise ValueError(f"{prefix}.attention.k = {att.k} is larger than block_size = "
-                             f"{config.block_size}; valid: 1..{config.block_size}")
-        if att.window > config.block_size:
-            raise ValueError(f"{prefix}.attention.window = {att.window} is larger than "
-                             f"block_size = {config.block_size}")
-        if att.chunk > config.block_size:
-            raise ValueError(f"{prefix}.attention.chunk = {att.chunk} is larger than "
-                             f"block_size = {config.block_size}")
+    att.of_kind.check(att, config.block_size, config.n_embd, config.n_head, prefix=f"{prefix}.attention")

@@ -26,9 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import accounting
-from model.attention import CausalSelfAttention
 from model.config import ApproxConfig, BlockApprox, GPTConfig, check_block_approx
-from model.linear import INIT_STD, make_linear, realize_linear, residual_init_std, zero_output_
+from model.kinds import (EMBEDDING, NORM, ParamRole, attention_kind_of, linear_kind_of, make_linear,
+                         realize_linear, zero_output_)
+from model.linear import INIT_STD, residual_init_std
 
 
 class LayerNorm(nn.Module):
@@ -41,6 +42,40 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention block: qkv projection, per-head core, output projection, residual dropout.
+
+    State-dict keys match nanoGPT's (c_attn, c_proj); a compressed core adds core.w_p and its norms."""
+
+    def __init__(self, config: GPTConfig, block_approx: BlockApprox):
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.n_embd = config.n_head, d
+        self.c_attn = make_linear(block_approx.attn_qkv, d, 3 * d, config.bias, INIT_STD)
+        self.c_proj = make_linear(block_approx.attn_proj, d, d, config.bias,
+                                  residual_init_std(config.n_layer))
+        spec = block_approx.attention
+        self.core = spec.of_kind.build(spec, config.block_size, d, config.n_head, config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, d = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(batch, seq_len, self.n_head, d // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))
+        y = self.core(q, k, v).transpose(1, 2).contiguous().view(batch, seq_len, d)
+        return self.resid_dropout(self.c_proj(y))
+
+    def realize(self) -> None:
+        """Dense linears and full causal attention. A compressed core is dropped (its pooling and
+        norms): the projections and the local branch are untouched, so the result is exactly the
+        full-attention module with these weights, while the function changes (every past key is now
+        seen exactly instead of through slots)."""
+        self.c_attn = realize_linear(self.c_attn)
+        self.c_proj = realize_linear(self.c_proj)
+        self.core = attention_kind_of(self.core).realize(self.core)
 
 
 class MLP(nn.Module):
@@ -189,7 +224,7 @@ class GPT(nn.Module):
         """Replace every factorised linear by its exact dense nn.Linear and every compressed attention
         by full causal attention; afterwards the model is a plain dense GPT and config.approx says so.
 
-        Linears keep their function exactly (up to rounding); replacing a linformer core by full
+        Linears keep their function exactly (up to rounding); replacing a compressed core by full
         attention CHANGES the function (the exact attention sees every past key, not slots).
         Trainability is kept per layer (a frozen factorised layer becomes a frozen dense one); callers
         that want everything trainable unfreeze explicitly. Optimizers over the old parameters must
@@ -237,11 +272,48 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- optimisation & accounting
 
+    def parameter_roles(self) -> dict[str, ParamRole]:
+        """A ParamRole for every name of named_parameters(): each linear site and attention core asks
+        its kind (model/kinds.py); embeddings decay, norms do not."""
+        names = dict(self.named_parameters())  # the tied lm_head.weight appears once, as wte.weight
+        roles: dict[str, ParamRole] = {}
+        for prefix, module in self.named_modules():
+            kind = linear_kind_of(module) or attention_kind_of(module)
+            if kind is not None:
+                local = kind.roles(module)
+            elif isinstance(module, nn.Embedding):
+                local = {"weight": EMBEDDING}
+            elif isinstance(module, (LayerNorm, nn.LayerNorm)):
+                local = {name: NORM for name, _ in module.named_parameters(recurse=False)}
+            else:
+                continue
+            for name, role in local.items():
+                full = f"{prefix}.{name}" if prefix else name
+                if full in names:
+                    roles.setdefault(full, role)
+        missing = sorted(set(names) - set(roles))
+        if missing:
+            raise RuntimeError(f"parameters without a role (a module no kind declares): {missing}")
+        return roles
+
     def decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(decay, no_decay) over trainable parameters by nanoGPT's rule: tensors with dim >= 2 decay
-        (dense weights, embeddings, low-rank / ABBA factors, linformer E), biases and norms do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+        """(decay, no_decay) over trainable parameters by their roles: dense weights, embeddings and
+        factors decay; biases, norms and the compressed attention's pooling do not."""
+        roles, params = self.parameter_roles(), dict(self.named_parameters())
+        trainable = [name for name, p in params.items() if p.requires_grad]
+        return ([params[n] for n in trainable if roles[n].decay],
+                [params[n] for n in trainable if not roles[n].decay])
+
+    def attention_diagnostics(self) -> dict[str, float]:
+        """Per compressed-attention layer, from its last forward in eval mode:
+        attn/slot_cosine/<layer> (mean pairwise cosine of a segment's slot keys) and
+        attn/slot_mass/<layer> (share of attention mass on slots). Empty without compressed cores."""
+        out = {}
+        for i, block in enumerate(self.transformer.h):
+            diagnostics = getattr(block.attn.core, "diagnostics", None)
+            for name, value in (diagnostics() if diagnostics else {}).items():
+                out[f"attn/{name}/{i}"] = value
+        return out
 
     def param_counts(self) -> dict[str, int]:
         return accounting.param_counts(self)

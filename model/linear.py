@@ -22,8 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from model.config import LinearSpec
-
 INIT_STD = 0.02  # GPT-2's std for every linear and embedding weight
 
 
@@ -270,35 +268,3 @@ def _dense_like(layer: nn.Module, weight: torch.Tensor, trainable: bool) -> nn.L
         dense.bias.copy_(layer.bias)
         dense.bias.requires_grad_(layer.bias.requires_grad)
     return dense
-
-
-def make_linear(spec: LinearSpec, in_features: int, out_features: int, bias: bool,
-                init_std: float) -> nn.Module:
-    """Build one linear site as `spec` says, initialised so its (represented) dense weight has
-    element std `init_std` and its bias is zero."""
-    if spec.kind == "lowrank":
-        return LowRankLinear(in_features, out_features, spec.rank, bias=bias, init_std=init_std)
-    if spec.kind == "abba":
-        return ABBALinear(in_features, out_features, spec.r1, spec.r2, bias=bias, init_std=init_std)
-    layer = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        nn.init.normal_(layer.weight, mean=0.0, std=init_std)
-        if bias:
-            nn.init.zeros_(layer.bias)
-    return layer
-
-
-@torch.no_grad()
-def zero_output_(layer: nn.Module) -> None:
-    """Make a linear layer of any kind output exactly zero (for function-preserving growth)."""
-    if isinstance(layer, FACTORISED):
-        layer.zero_output_()
-        return
-    layer.weight.zero_()
-    if layer.bias is not None:
-        layer.bias.zero_()
-
-
-def realize_linear(layer: nn.Module) -> nn.Linear:
-    """The exact dense equivalent of a linear layer of any kind (dense layers are returned as is)."""
-    return layer.realize() if isinstance(layer, FACTORISED) else layer

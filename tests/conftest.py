@@ -19,13 +19,14 @@ TINY_TRAINER = {
     "approx": {"attn_qkv": {"kind": "abba", "r1": 4, "r2": 4},
                "attn_proj": {"kind": "abba", "r1": 4, "r2": 4},
                "mlp_fc": {"kind": "lowrank", "rank": 8}, "mlp_proj": {"kind": "lowrank", "rank": 8},
-               "attention": {"kind": "linformer", "k": 8, "window": 8, "chunk": 16}},
+               "attention": {"kind": "compressed", "slots": 4, "chunk": 8, "window": 4, "allow_costlier": True}},
     "data": {"source": "files", "tokenizer": "byte", "val_fraction": 0.1, "val_tokens": 1024},
     "schedule": {"layerwise": True, "initial_layers": 1, "freeze_previous": True,
                  "freeze_embeddings": True, "full_rank_finish": True, "finish_fraction": 0.25,
-                 "rewarmup_steps": 1},
+                 "rewarmup_steps": 1, "growth_fraction": None},
     "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "learning_rate": 3e-3,
-              "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5, "checkpoint_interval": 4},
+              "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5, "checkpoint_interval": 4,
+              "log_interval": 1},  # a train record per step: exact-resume tests compare every loss
     # threshold 0: ZeRO-3 partitions even these tiny tensors instead of keeping them whole
     "deepspeed": {"zero_stage": 2, "precision": "fp32", "param_persistence_threshold": 0},
 }

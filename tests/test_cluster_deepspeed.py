@@ -94,7 +94,7 @@ def test_two_ranks_train_from_a_localhost_hostfile(localhost2, tmp_path):
     done = run("--hostfile", str(localhost2), "--config", TINY, "--run-dir", str(run_dir),
                "--master-port", "29731",
                "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
-               "approx.attention={kind: linformer, k: 8, window: 8, chunk: 16}",
+               "approx.attention={kind: compressed, slots: 4, chunk: 8, window: 4, allow_costlier: true}",
                "train.max_steps=4", "train.micro_batch_size=2", "train.warmup_steps=1",
                "train.eval_interval=2", "train.log_interval=1", "data.val_tokens=2048",
                "schedule.rewarmup_steps=0", "deepspeed.zero_stage=2", timeout=600)

@@ -2,12 +2,15 @@
 `ray up` runs before it touches a cloud), so a typo in cluster/ray-*.yaml fails here, not on a cluster."""
 import copy
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from packaging.utils import canonicalize_name
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -63,15 +66,17 @@ def test_onprem_file_lists_head_and_worker_ips():
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_nodes_install_the_project_like_the_readme_and_run_ray_from_its_venv(path):
+def test_nodes_install_the_locked_project_and_run_ray_from_its_venv(path):
     raw = load(path)
-    assert any("make venv" in c for c in raw["setup_commands"])
+    assert any("cluster/install.sh" in c for c in raw["setup_commands"])
+    assert not any("make venv" in c or "[test]" in c for c in raw["setup_commands"])
     assert raw["file_mounts"]["~/approxgpt"] == "."
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in raw[key] if "ray start" in c]
         assert start and all(".venv/bin/activate" in c and "RAY_AUTH_MODE=token" in c for c in start)
     # the job server that `ray job submit` talks to lives in ray[default]
-    assert any("ray[default]==" in c for c in raw["head_setup_commands"])
+    assert any("ray[default]==" in c and "-c ~/approxgpt/cluster/constraints.txt" in c
+               for c in raw["head_setup_commands"])
     for local_state in (".venv", "runs"):
         assert local_state in raw["rsync_exclude"]
 
@@ -100,3 +105,51 @@ def test_a_head_type_that_does_not_exist_is_rejected():
     raw["head_node_type"] = "head_gpu"
     with pytest.raises(ValueError, match="head_node_type"):
         ray_up_validation(raw)
+
+
+LAUNCH_FILES = sorted([*CLUSTER.glob("*.yaml"), *CLUSTER.glob("*.sh"), *CLUSTER.glob("*.sbatch"),
+                       CLUSTER.parent / "Makefile"])
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_every_ray_head_binds_its_dashboard_to_loopback(path):
+    """The dashboard serves the job API (code execution): 127.0.0.1 serves every documented access
+    route (`ray dashboard`'s SSH tunnel, `ssh -L`), so no launch file exposes it on the network."""
+    text = path.read_text()
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", text)
+    assert all(h.strip("'\"") == "127.0.0.1" for h in hosts), f"{path.name}: {hosts}"
+    # every head a file starts names the host (Ray's own default has changed between versions)
+    heads = [m.start() for m in re.finditer(r"ray start\s+--head", text)]
+    assert len(hosts) >= len(heads), f"{path.name}: a `ray start --head` without --dashboard-host"
+    assert "0.0.0.0" not in text, f"{path.name} binds something to every interface"
+
+
+def test_the_install_script_uses_the_constraints_and_no_test_extras():
+    script = (CLUSTER / "install.sh").read_text()
+    installs = [l for l in script.splitlines() if "pip install" in l and "--upgrade pip" not in l]
+    assert installs and all('-c "$CONSTRAINTS"' in l for l in installs)
+    assert "[test]" not in script
+    subprocess.run(["bash", "-n", str(CLUSTER / "install.sh")], check=True)
+
+
+def test_constraints_are_the_generated_run_time_closure(tmp_path):
+    """cluster/constraints.txt is what `python -m cluster.lock` writes: the header names the command,
+    every direct dependency is pinned at pyproject.toml's version, and the test extras are absent."""
+    from cluster import lock
+
+    text = (CLUSTER / "constraints.txt").read_text()
+    assert text.startswith(lock.HEADER)
+    pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
+    for req in lock.project_requirements():
+        (version,) = [s.version for s in req.specifier]
+        assert pins[canonicalize_name(req.name)] == version, req
+    assert "pytest" not in pins and "transformers" not in pins
+    assert all("+" not in v for v in pins.values())   # no local labels: a GPU node gets the CUDA build
+    # The generator itself: the closure of this venv; --check tells a stale file from a fresh one.
+    out = tmp_path / "c.txt"
+    assert lock.main(["--output", str(out)]) == 0 and lock.main(["--check", "--output", str(out)]) == 0
+    generated = dict(line.split("==") for line in out.read_text().splitlines() if not line.startswith("#"))
+    assert {"ray", "torch", "deepspeed", "aiohttp", "pydantic-core"} <= set(generated)
+    assert "pytest" not in generated and "transformers" not in generated
+    out.write_text(out.read_text() + "extra==1.0\n")
+    assert lock.main(["--check", "--output", str(out)]) == 1

@@ -151,3 +151,35 @@ def test_rank_search_submission_validates_its_base_experiment(capsys, tmp_path):
                    .replace("train.max_steps=5000", "train.max_step=5000"))
     assert submit.main(["rank-search", "--address", "http://h:8265", "--config", str(bad), "--dry-run"]) == 2
     assert "max_step" in capsys.readouterr().err
+
+
+def test_env_secrets_are_never_printed_logged_or_put_on_a_command_line(monkeypatch, capsys, caplog):
+    """`--env KEY=VALUE` and `--env KEY` (forwarded): the value reaches the runtime env but no printed
+    line, no log record and no command line of a process this command starts -- through the dry
+    run and through a real submission attempt (to a port where nothing listens)."""
+    import logging
+    import uuid
+
+    inline, forwarded = f"s3cret-{uuid.uuid4().hex}", f"f0rward-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MY_FORWARDED_KEY", forwarded)
+    started: list[str] = []
+    real_popen = subprocess.Popen.__init__
+
+    def record(self, args, *a, **kw):
+        started.append(args if isinstance(args, str) else " ".join(map(str, args)))
+        real_popen(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", record)
+    caplog.set_level(logging.DEBUG)
+    argv = ["ablation", "--address", "http://127.0.0.1:9", "--config", ABLATION,
+            "--env", f"WANDB_API_KEY={inline}", "--env", "MY_FORWARDED_KEY"]
+    cmd = submitted(capsys, *argv)
+    env_vars = runtime_env(cmd)["env_vars"]
+    assert env_vars["WANDB_API_KEY"] == env_vars["MY_FORWARDED_KEY"] == submit.HIDDEN
+    assert submit.build_submission(submit.parser().parse_args(argv)).runtime_env["env_vars"][
+        "WANDB_API_KEY"] == inline   # what the job API receives
+    assert submit.main(argv) == 2       # nothing listens on port 9
+    out = capsys.readouterr()
+    assert "cannot reach the Ray job server" in out.err
+    everything = "\n".join([out.out, out.err, caplog.text, *started])
+    assert inline not in everything and forwarded not in everything

@@ -19,7 +19,7 @@ def test_tiny_config_validates_with_every_approximation_on():
     assert cfg.data.source == "embedded" and cfg.data.tokenizer == "byte"
     assert m.vocab_size == 320  # 257 byte tokens padded to a multiple of 64
     block = cfg.approx.for_block(0)
-    assert block.attention.kind == "linformer"
+    assert block.attention.kind == "compressed"
     assert all(getattr(block, s).approximated for s in ("attn_qkv", "attn_proj", "mlp_fc", "mlp_proj"))
     assert cfg.schedule.layerwise and cfg.schedule.freeze_previous and cfg.schedule.full_rank_finish
 
@@ -58,7 +58,12 @@ def test_round_trip_through_yaml_dict():
     (["approx.mlp_fc.rank=129"], ["approx.mlp_fc.rank = 129", "valid: 1..128"]),
     (["approx.attn_qkv.r2=200"], ["approx.attn_qkv.r2 = 200", "valid: 1..128"]),
     (["approx.layers={1: {mlp_fc: {kind: lowrank, rank: 999}}}"], ["approx.layers.1.mlp_fc.rank = 999"]),
-    (["approx.attention.k=129"], ["approx.attention.k = 129", "block_size = 128"]),
+    (["approx.attention.chunk=129"], ["approx.attention.chunk = 129", "block_size = 128"]),
+    (["approx.attention.slots=17"], ["approx.attention.slots = 17", "chunk = 16", "valid: 1..16"]),
+    (["approx.attention.window=64"], ["approx.attention = compressed(slots=2,chunk=16,window=64) costs",
+                                      "approx.attention.allow_costlier: true"]),
+    (["approx.attention={kind: linformer, k: 16, window: 16, chunk: 32}"],
+     ["approx.attention", "'linformer' was renamed 'compressed'", "{kind: compressed, slots:"]),
     (["approx.mlp_fc.kind=abba", "approx.mlp_fc.r1=null"], ["approx.mlp_fc", "needs `r1` and `r2`"]),
     (["approx.mlp_fc.kind=sparse"], ["approx.mlp_fc.kind", "'dense', 'lowrank' or 'abba'"]),
     (["schedule.layerwise=false"], ["schedule.freeze_previous", "schedule.layerwise"]),
@@ -72,7 +77,8 @@ def test_bad_input_fails_fast_with_one_readable_line(overrides, expected):
         load_config(TINY, overrides)
     message = str(info.value)
     assert message.count("\n") == 0, message
-    assert message.startswith(str(TINY))
+    # The override is blamed, not the YAML file the user did not touch.
+    assert any(message.startswith(f"override {item!r}: ") for item in overrides), message
     for fragment in expected:
         assert fragment in message, message
 

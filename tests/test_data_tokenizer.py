@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tiktoken
 
-from data.tokenizer import (END_OF_TEXT, TokenizerUnavailableError, encode_document, get_encoding,
-                            padded_vocab_size, token_dtype)
+from common import padded_vocab_size
+from data.tokenizer import END_OF_TEXT, TokenizerUnavailableError, encode_document, get_encoding, token_dtype
 
 
 def random_unicode(rng: np.random.Generator, length: int) -> str:
@@ -20,7 +20,7 @@ def test_byte_encoding_is_a_tiktoken_encoding_with_257_tokens():
     assert isinstance(enc, tiktoken.Encoding)
     assert enc.n_vocab == 257 and enc.eot_token == 256
     assert enc.encode_single_token(END_OF_TEXT) == 256
-    assert padded_vocab_size(enc) == 320
+    assert padded_vocab_size(enc.n_vocab) == 320
     assert token_dtype(enc) == np.uint16
 
 
@@ -68,9 +68,9 @@ def test_token_dtype_widens_past_65536_tokens():
 
 
 def test_padded_vocab_is_the_next_multiple_of_64():
-    assert padded_vocab_size(encoding_with_n_vocab(50_257)) == 50_304  # nanoGPT's GPT-2 vocab_size
-    assert padded_vocab_size(encoding_with_n_vocab(70_001)) == 70_016
-    assert padded_vocab_size(encoding_with_n_vocab(320)) == 320
+    assert padded_vocab_size(encoding_with_n_vocab(50_257).n_vocab) == 50_304  # nanoGPT's GPT-2 vocab_size
+    assert padded_vocab_size(encoding_with_n_vocab(70_001).n_vocab) == 70_016
+    assert padded_vocab_size(encoding_with_n_vocab(320).n_vocab) == 320
 
 
 def test_unknown_encoding_name_lists_the_choices():

@@ -19,7 +19,7 @@ APPROX = {
     "attn_proj": {"kind": "lowrank", "rank": 8},
     "mlp_fc": {"kind": "lowrank", "rank": 8},
     "mlp_proj": {"kind": "abba", "r1": 2, "r2": 3},
-    "attention": {"kind": "linformer", "k": 4, "window": 4, "chunk": 8},
+    "attention": {"kind": "compressed", "slots": 2, "chunk": 8, "window": 4, "allow_costlier": True},
 }
 
 
@@ -133,3 +133,44 @@ def test_overwrite_replaces_whole_export_and_leaves_no_temporaries(tmp_path):
 def test_load_final_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no final model"):
         load_final(tmp_path)
+
+
+def _toy_bpe():
+    """A tiktoken BPE with merges (the real gpt2 files need the network): byte tokens plus a few
+    merged ones, GPT-2's split pattern, <|endoftext|> last."""
+    import tiktoken
+
+    ranks = {bytes([i]): i for i in range(256)}
+    for token in (b"th", b"he", b"the", b" t", b" the", b"in", b"ing", b"de", b"def", b" def", b"  ",
+                  b"    ", b"se", b"el", b"lf", b"self"):
+        ranks.setdefault(token, len(ranks))
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding(name="toy", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.mark.parametrize("which", ["toy-bpe", "byte"])
+def test_hf_export_has_the_runs_tokenizer_and_generation_config(tmp_path, which):
+    transformers = pytest.importorskip("transformers")
+    from data.tokenizer import get_encoding
+
+    encoding = _toy_bpe() if which == "toy-bpe" else get_encoding("byte")
+    model = randomized(GPT(small_config().model_copy(update={"vocab_size": 320})))
+    save_final(model, tmp_path / "final", encoding_name=encoding.name, encoding=encoding)
+    hf_dir = tmp_path / "final" / "hf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "def the(self):\n    the thing is in the self-defined ingest, naïve café 🙂 <|endoftext|>x"
+    ids = tokenizer.encode(text)
+    assert ids == encoding.encode(text, allowed_special="all")
+    assert tokenizer.decode(ids) == text and tokenizer.eos_token_id == encoding.eot_token
+    generation = transformers.GenerationConfig.from_pretrained(hf_dir)
+    assert generation.eos_token_id == encoding.eot_token and generation.max_length == 24
+    assert generation.suppress_tokens == list(range(encoding.n_vocab, 320))  # the padding rows
+    assert "NO TOKENIZER" not in (hf_dir / "README.md").read_text()
+
+
+def test_hf_export_without_an_encoding_says_there_is_no_tokenizer(tmp_path, capsys):
+    save_final(randomized(GPT(small_config())), tmp_path / "final", encoding_name="gpt2")
+    assert not (tmp_path / "final" / "hf" / "tokenizer.json").exists()
+    assert "NO TOKENIZER FILES" in (tmp_path / "final" / "hf" / "README.md").read_text()
+    assert "no tokenizer files" in capsys.readouterr().err

@@ -1,19 +1,23 @@
-"""Causal attention cores: the Linformer variant is causal by construction, computes what the module
-docstring says, and stays linear in T; the causality check itself is shown to catch a leak."""
+"""Causal attention cores: the compressed (Transformer-LS) core is causal by construction, pools
+completed segments by their content, computes what the module docstring says through the fused
+kernel, and realizes to exactly full attention; the causality check itself is shown to catch a leak."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from model import GPT, GPTConfig
-from model.attention import CausalLinformerAttention, CausalSelfAttention, FullCausalAttention
-from model.config import AttentionSpec, BlockApprox
+from model.attention import CompressedCausalAttention, FullCausalAttention
+from model.config import ApproxConfig, AttentionSpec, BlockApprox
+from model.gpt import CausalSelfAttention
 
 N_EMBD, N_HEAD, BLOCK = 16, 2, 24
+
+
+def compressed(slots, chunk, window) -> AttentionSpec:
+    return AttentionSpec(kind="compressed", slots=slots, chunk=chunk, window=window, allow_costlier=True)
 
 
 def attention_module(spec: AttentionSpec, dropout: float = 0.0, block_size: int = BLOCK):
@@ -42,19 +46,17 @@ def earliest_leak(module, x) -> int | None:
     return None
 
 
-# (T, k, window, chunk): T multiple of chunk or not, window 0 / inside / beyond a chunk, chunk > T.
-SETTINGS = [(13, 3, 0, 4), (13, 2, 5, 4), (16, 4, 3, 8), (7, 2, 0, 7), (5, 3, 2, 8), (24, 4, 4, 5),
-            (11, 1, 0, 1)]
+# (T, slots, chunk, window): T a multiple of chunk or not, window 0 / inside / beyond a chunk, one
+# slot or several (chunk >= T, no slots at all: test_compressed_with_one_chunk_is_full_causal_attention).
+SETTINGS = [(13, 3, 4, 0), (13, 2, 4, 5), (16, 4, 8, 3), (23, 4, 5, 4), (11, 1, 2, 1)]
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("T,k,window,chunk", SETTINGS)
-def test_linformer_future_inputs_never_change_past_outputs(T, k, window, chunk, train):
-    module = attention_module(AttentionSpec(kind="linformer", k=k, window=window, chunk=chunk),
-                              dropout=0.3 if train else 0.0)
+@pytest.mark.parametrize("T,slots,chunk,window", SETTINGS)
+def test_compressed_future_inputs_never_change_past_outputs(T, slots, chunk, window, train):
+    module = attention_module(compressed(slots, chunk, window), dropout=0.3 if train else 0.0)
     module.train(train)
-    x = torch.randn(2, T, N_EMBD, dtype=torch.double)
-    assert earliest_leak(module, x) is None
+    assert earliest_leak(module, torch.randn(2, T, N_EMBD, dtype=torch.double)) is None
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -63,22 +65,41 @@ def test_full_attention_is_causal(train):
     assert earliest_leak(module, torch.randn(2, 13, N_EMBD, dtype=torch.double)) is None
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_linformer_jacobian_is_exactly_zero_above_the_diagonal(train):
-    T = 11
-    module = attention_module(AttentionSpec(kind="linformer", k=2, window=2, chunk=3),
-                              dropout=0.3 if train else 0.0).train(train)
+@pytest.mark.parametrize("T,slots,chunk,window,train", [(7, 2, 2, 1, False), (8, 1, 2, 3, True)])
+def test_compressed_jacobian_is_exactly_zero_above_the_diagonal(T, slots, chunk, window, train):
+    module = attention_module(compressed(slots, chunk, window), dropout=0.3 if train else 0.0).train(train)
     x = torch.randn(1, T, N_EMBD, dtype=torch.double)
     jac = torch.autograd.functional.jacobian(lambda inp: run(module, inp), x)[0, :, :, 0]  # (T,C,T,C)
     for s in range(T):
-        for t in range(T):
-            block = jac[s, :, t, :]
-            if t > s:
-                assert torch.count_nonzero(block) == 0, (s, t)
-    # Information does flow backwards in time: within the window and through the compressed slots
-    # (s = 10 is in chunk 3; t = 0 is outside its window [7, 10], so only slots connect them).
-    assert torch.count_nonzero(jac[10, :, 8, :]) > 0
-    assert torch.count_nonzero(jac[10, :, 0, :]) > 0
+        for t in range(s + 1, T):
+            assert torch.count_nonzero(jac[s, :, t, :]) == 0, (s, t)
+    # Information does flow backwards in time, also from outside the window through the slots:
+    # the last query's chunk starts at m*chunk, its window at m*chunk - window > 0.
+    last = T - 1
+    assert torch.count_nonzero(jac[last, :, 0, :]) > 0
+    assert 0 < (last // chunk) * chunk - window
+
+
+def test_output_depends_on_the_contents_of_completed_past_segments_not_future_ones():
+    """Outside the local window a query sees the past only through the slots; the slots pool by
+    content, so changing what a completed segment holds changes the query's output."""
+    slots, chunk, window, T = 2, 4, 0, 12
+    module = attention_module(compressed(slots, chunk, window)).eval()
+    x = torch.randn(1, T, N_EMBD, dtype=torch.double)
+    base = module(x)
+    past = x.clone()
+    past[:, 0:chunk] = torch.randn(1, chunk, N_EMBD, dtype=torch.double)  # segment 0: outside t=8's window
+    assert not torch.allclose(module(past)[:, 8:], base[:, 8:])
+    future = x.clone()
+    future[:, 9:] = torch.randn(1, T - 9, N_EMBD, dtype=torch.double)
+    assert torch.equal(module(future)[:, :9], base[:, :9])
+    # Content, not position: swapping two positions inside segment 0 changes nothing for t = 8 when
+    # the pooling is symmetric in positions, which this check shows it is (softmax over the
+    # segment's positions of a function of the key alone).
+    swapped = x.clone()
+    swapped[:, [0, 1]] = x[:, [1, 0]]
+    wpe_free = module(swapped)[:, 8:]
+    torch.testing.assert_close(wpe_free, base[:, 8:])
 
 
 class NaiveLinformer(nn.Module):
@@ -106,17 +127,26 @@ def test_causality_check_detects_a_non_causal_linformer():
     assert earliest_leak(module, torch.randn(2, 13, N_EMBD, dtype=torch.double)) is not None
 
 
-def reference_linformer(core: CausalLinformerAttention, q, k, v):
+def reference_compressed(core: CompressedCausalAttention, q, k, v):
     """The construction of model/attention.py's docstring, one query at a time, straight from it."""
     T, D = q.shape[2], q.shape[3]
-    w_k, w_v = F.softplus(core.e_k[:, :T]), F.softplus(core.e_v[:, :T])
+    chunk = core.chunk
+
+    def pooled(x, norm, start, end, pool):
+        exact = x[..., start:end, :]
+        rms = exact.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+        return norm(pool @ exact) * rms
+
     out = torch.zeros_like(q)
     for t in range(T):
-        start = (t // core.chunk) * core.chunk
+        start = (t // chunk) * chunk
         keys, values = [], []
-        if start > 0:  # slots: weighted means over positions < chunk start
-            keys.append(w_k[:, :start] @ k[..., :start, :] / w_k[:, :start].sum(1, keepdim=True))
-            values.append(w_v[:, :start] @ v[..., :start, :] / w_v[:, :start].sum(1, keepdim=True))
+        for seg in range(t // chunk):  # completed segments before the query's own
+            s, e = seg * chunk, (seg + 1) * chunk
+            logits = F.rms_norm(k[..., s:e, :], (D,)) @ core.w_p.unsqueeze(0)  # (B, H, chunk, slots)
+            pool = logits.softmax(-2).transpose(-1, -2)
+            keys.append(pooled(k, core.ln_k, s, e, pool))
+            values.append(pooled(v, core.ln_v, s, e, pool))
         low = max(0, start - core.window)
         keys.append(k[..., low:t + 1, :])
         values.append(v[..., low:t + 1, :])
@@ -125,31 +155,36 @@ def reference_linformer(core: CausalLinformerAttention, q, k, v):
     return out
 
 
-@pytest.mark.parametrize("T,k,window,chunk", SETTINGS)
-def test_linformer_computes_the_documented_construction(T, k, window, chunk):
+def core_with_random_norms(slots, chunk, window, dtype=torch.double):
     torch.manual_seed(0)
-    core = CausalLinformerAttention(BLOCK, k, window, chunk, dropout=0.0).double()
+    core = CompressedCausalAttention(4, 3, slots, chunk, window, dropout=0.0).to(dtype)
+    with torch.no_grad():  # non-trivial DualLN affine parameters, so the test sees them act
+        for p in (*core.ln_k.parameters(), *core.ln_v.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    return core
+
+
+@pytest.mark.parametrize("T,slots,chunk,window", SETTINGS)
+def test_compressed_computes_the_documented_construction(T, slots, chunk, window):
+    core = core_with_random_norms(slots, chunk, window)
     q, key, v = (torch.randn(2, 3, T, 4, dtype=torch.double) for _ in range(3))
-    torch.testing.assert_close(core(q, key, v), reference_linformer(core, q, key, v))
+    torch.testing.assert_close(core(q, key, v), reference_compressed(core, q, key, v))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_linformer_fused_kernel_path_matches_the_construction(dtype, tol):
+def test_compressed_fused_kernel_path_matches_the_construction(dtype, tol):
     """Training runs in float32 or bf16: there the core must compute the same construction through
     PyTorch's fused SDPA kernel (not the unfused math fallback that materialises the scores)."""
-    torch.manual_seed(0)
-    T, k, window, chunk = 20, 3, 4, 8
-    core = CausalLinformerAttention(BLOCK, k, window, chunk, dropout=0.0)
-    inputs = [torch.randn(2, 3, T, 16, requires_grad=True) for _ in range(3)]
-    grad_out = torch.randn(2, 3, T, 16)
-    expected = reference_linformer(core, *inputs)
+    T, slots, chunk, window = 20, 3, 8, 4
+    core = core_with_random_norms(slots, chunk, window, torch.float32)
+    inputs = [torch.randn(2, 3, T, 4, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(2, 3, T, 4)
+    expected = reference_compressed(core, *inputs)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
-    with torch.no_grad():
-        core_low = CausalLinformerAttention(BLOCK, k, window, chunk, dropout=0.0)
-        core_low.load_state_dict(core.state_dict())
     low = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    core = core.to(dtype)
     with torch.profiler.profile() as profiler:
-        out = core_low.to(dtype)(*low)
+        out = core(*low)
     ops = {event.key for event in profiler.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
     assert "aten::_scaled_dot_product_attention_math" not in ops
@@ -159,48 +194,50 @@ def test_linformer_fused_kernel_path_matches_the_construction(dtype, tol):
         torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol * 10)
 
 
-def test_linformer_with_one_chunk_is_full_causal_attention():
-    # chunk >= T: one chunk, no past to compress, every causal key exact -> exactly full attention.
-    torch.manual_seed(0)
-    core = CausalLinformerAttention(BLOCK, k=4, window=0, chunk=BLOCK, dropout=0.0).double()
+def test_compressed_with_one_chunk_is_full_causal_attention():
+    # chunk >= T: one chunk, no completed segment to pool, every causal key exact.
+    core = core_with_random_norms(slots=4, chunk=BLOCK, window=0)
     for T in (1, 9, BLOCK):
         q, key, v = (torch.randn(2, 3, T, 4, dtype=torch.double) for _ in range(3))
         torch.testing.assert_close(core(q, key, v), FullCausalAttention(0.0)(q, key, v))
 
 
-class LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out)
-                                             if isinstance(t, torch.Tensor)])
-        return out
+def test_realize_gives_exactly_the_full_attention_module_with_the_same_weights():
+    module = attention_module(compressed(2, 4, 2))
+    full = attention_module(AttentionSpec(kind="full"))
+    module.realize()
+    assert isinstance(module.core, FullCausalAttention) and not list(module.core.parameters())
+    full.load_state_dict(module.state_dict(), strict=True)  # same keys: c_attn, c_proj only
+    x = torch.randn(2, 13, N_EMBD, dtype=torch.double)
+    assert torch.equal(module(x), full(x))
 
 
-def test_linformer_memory_is_linear_in_sequence_length():
-    core = CausalLinformerAttention(512, k=8, window=16, chunk=16, dropout=0.0)
-    largest = {}
-    for T in (256, 512):
-        q, key, v = (torch.randn(1, 2, T, 8, requires_grad=True) for _ in range(3))
-        with LargestOutput() as recorder:
-            core(q, key, v).sum().backward()
-        largest[T] = recorder.largest
-    assert largest[256] < 256 * 256  # no T x T score matrix, not even for one head
-    assert largest[512] <= 2 * largest[256] + 2 * 8 * 512  # doubling T doubles memory (+ E's size)
-
-
-def test_linformer_runs_for_every_length_up_to_block_size():
-    module = attention_module(AttentionSpec(kind="linformer", k=3, window=2, chunk=5)).eval()
+def test_compressed_runs_for_every_length_up_to_block_size():
+    module = attention_module(compressed(3, 5, 2)).eval()
     for T in range(1, BLOCK + 1):
         out = module(torch.randn(1, T, N_EMBD, dtype=torch.double))
         assert out.shape == (1, T, N_EMBD) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("attention", [AttentionSpec(kind="full"),
-                                       AttentionSpec(kind="linformer", k=3, window=2, chunk=4)])
+def test_attention_diagnostics_per_layer_from_the_last_eval_forward():
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16,
+                       approx={"attention": compressed(3, 4, 2)})
+    torch.manual_seed(0)
+    model = GPT(config)
+    idx = torch.randint(0, 32, (2, 16))
+    model.train()(idx, idx)
+    assert model.attention_diagnostics() == {}  # training forwards record nothing
+    model.eval()(idx, idx)
+    diagnostics = model.attention_diagnostics()
+    assert set(diagnostics) == {f"attn/{name}/{i}" for name in ("slot_cosine", "slot_mass") for i in (0, 1)}
+    assert all(-1 <= diagnostics[f"attn/slot_cosine/{i}"] < 0.99 for i in (0, 1))  # distinct at init
+    assert all(0 < diagnostics[f"attn/slot_mass/{i}"] < 1 for i in (0, 1))
+    dense = GPT(config.model_copy(update={"approx": ApproxConfig()})).eval()
+    dense(idx, idx)
+    assert dense.attention_diagnostics() == {}
+
+
+@pytest.mark.parametrize("attention", [AttentionSpec(kind="full"), compressed(3, 4, 2)])
 def test_whole_model_logits_are_causal_in_train_mode(attention):
     config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.2,
                        approx={"attention": attention})

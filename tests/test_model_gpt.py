@@ -153,7 +153,7 @@ def test_model_owns_its_config():
 def test_decay_groups_follow_nanogpts_rule_over_trainable_params():
     config = small_config(approx={"attn_qkv": {"kind": "lowrank", "rank": 2},
                                   "mlp_fc": {"kind": "abba", "r1": 2, "r2": 2},
-                                  "attention": {"kind": "linformer", "k": 2, "chunk": 4}})
+                                  "attention": {"kind": "compressed", "slots": 2, "chunk": 4, "window": 0, "allow_costlier": True}})
     model = GPT(config)
     model.freeze_layer(0)
     decay, no_decay = model.decay_groups()
@@ -164,8 +164,10 @@ def test_decay_groups_follow_nanogpts_rule_over_trainable_params():
     assert decay_names | no_decay_names == trainable and not decay_names & no_decay_names
     assert {"transformer.h.1.attn.c_attn.a", "transformer.h.1.attn.c_attn.b",
             "transformer.h.1.mlp.c_fc.a1", "transformer.h.1.mlp.c_fc.b2",
-            "transformer.h.1.attn.core.e_k", "transformer.wte.weight"} <= decay_names
+            "transformer.wte.weight"} <= decay_names
+    # The compressed attention's pooling weight and DualLN norms are excluded, like norms and biases.
     assert {"transformer.h.1.attn.c_attn.bias", "transformer.h.1.ln_1.weight",
+            "transformer.h.1.attn.core.w_p", "transformer.h.1.attn.core.ln_k.weight",
             "transformer.ln_f.bias"} <= no_decay_names
     assert not any(name.startswith("transformer.h.0.") for name in trainable)
 
@@ -186,13 +188,13 @@ def test_generate_extends_the_sequence_and_top_k_1_is_greedy():
 
 def test_torch_compile_traces_the_approximated_model_as_one_graph_without_recompiling():
     """train.compile relies on this: every approximation on, a frozen prefix under no_grad, the
-    ABBA autograd.Function and the Linformer mask all trace into ONE graph (a graph break would split
+    ABBA autograd.Function and the compressed core's mask all trace into ONE graph (a graph break would split
     it, a guard on the mask cache would compile it twice), and the compiled model computes the same
     loss and gradients as the eager one. aot_eager runs dynamo and AOT autograd without inductor's
     C++ compiler; the trainer test runs inductor itself."""
     approx = {"attn_qkv": {"kind": "abba", "r1": 2, "r2": 2}, "attn_proj": {"kind": "abba", "r1": 2, "r2": 2},
               "mlp_fc": {"kind": "lowrank", "rank": 4}, "mlp_proj": {"kind": "lowrank", "rank": 4},
-              "attention": {"kind": "linformer", "k": 4, "window": 4, "chunk": 8}}
+              "attention": {"kind": "compressed", "slots": 2, "chunk": 8, "window": 4, "allow_costlier": True}}
     config = GPTConfig.model_validate(small_config(n_layer=3).model_dump() | {"approx": approx})
     torch.manual_seed(0)
     eager = GPT(config)
@@ -223,3 +225,21 @@ def test_torch_compile_traces_the_approximated_model_as_one_graph_without_recomp
         else:
             assert q.grad is None, name
     torch._dynamo.reset()
+
+
+def test_parameter_roles_name_every_parameter_by_its_kind():
+    from model import ParamRole
+    config = small_config(approx={"attn_qkv": {"kind": "lowrank", "rank": 2},
+                                  "mlp_fc": {"kind": "abba", "r1": 2, "r2": 2},
+                                  "attention": {"kind": "compressed", "slots": 2, "chunk": 4, "window": 0,
+                                                "allow_costlier": True}})
+    roles = GPT(config).parameter_roles()
+    assert set(roles) == {name for name, _ in GPT(config).named_parameters()}
+    h = "transformer.h.0."
+    assert roles[h + "attn.c_attn.a"] == roles[h + "attn.c_attn.b"] == ParamRole("lowrank", True, True)
+    assert roles[h + "mlp.c_fc.b2"] == ParamRole("abba", True, True)
+    assert roles[h + "mlp.c_fc.bias"] == ParamRole("abba", False, False)
+    assert roles[h + "attn.c_proj.weight"] == ParamRole("dense", False, True)
+    assert roles[h + "attn.core.w_p"] == ParamRole("compression", False, False)
+    assert roles[h + "attn.core.ln_v.bias"] == roles[h + "ln_2.weight"] == ParamRole("norm", False, False)
+    assert roles["transformer.wte.weight"] == roles["transformer.wpe.weight"] == ParamRole("embedding", False, True)

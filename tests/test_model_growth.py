@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from model import GPT, BlockApprox, GPTConfig
-from model.attention import CausalLinformerAttention, FullCausalAttention
+from model.attention import CompressedCausalAttention, FullCausalAttention
 from model.config import AttentionSpec, LinearSpec
 from model.linear import FACTORISED
 
 LOWRANK = LinearSpec(kind="lowrank", rank=3)
 ABBA = LinearSpec(kind="abba", r1=2, r2=3)
-LINFORMER = AttentionSpec(kind="linformer", k=3, window=2, chunk=4)
+COMPRESSED = AttentionSpec(kind="compressed", slots=2, chunk=4, window=2, allow_costlier=True)
 
 
 def config(**overrides) -> GPTConfig:
@@ -27,7 +27,7 @@ NEW_BLOCKS = [
     BlockApprox(),
     BlockApprox(attn_proj=LOWRANK, mlp_proj=LOWRANK),
     BlockApprox(attn_qkv=ABBA, attn_proj=ABBA, mlp_fc=ABBA, mlp_proj=ABBA),
-    BlockApprox(attn_proj=LOWRANK, mlp_proj=ABBA, attention=LINFORMER),
+    BlockApprox(attn_proj=LOWRANK, mlp_proj=ABBA, attention=COMPRESSED),
 ]
 
 
@@ -83,7 +83,7 @@ def _output_of_block(model, i, store):
 
 
 def test_frozen_prefix_runs_without_autograd_and_trainable_blocks_still_learn():
-    cfg = config(n_layer=3, approx={"attn_qkv": LOWRANK, "attention": LINFORMER})
+    cfg = config(n_layer=3, approx={"attn_qkv": LOWRANK, "attention": COMPRESSED})
     torch.manual_seed(0)
     model = GPT(cfg).train()
     model.freeze_embeddings()
@@ -140,7 +140,7 @@ def test_unfreeze_restores_training():
 
 
 def test_adamw_with_weight_decay_leaves_frozen_tensors_bit_identical():
-    cfg = config(n_layer=3, approx={"mlp_fc": ABBA, "attention": LINFORMER})
+    cfg = config(n_layer=3, approx={"mlp_fc": ABBA, "attention": COMPRESSED})
     torch.manual_seed(0)
     model = GPT(cfg)
     model.freeze_embeddings()
@@ -182,10 +182,10 @@ def test_realize_of_factorised_linears_keeps_logits():
     torch.testing.assert_close(dense.eval()(idx, targets)[0], after)
 
 
-def test_realize_replaces_linformer_by_full_attention_and_loads_into_a_dense_gpt():
-    cfg = config(n_layer=4, approx={"attention": LINFORMER, "mlp_fc": LOWRANK})
+def test_realize_replaces_compressed_attention_by_full_attention_and_loads_into_a_dense_gpt():
+    cfg = config(n_layer=4, approx={"attention": COMPRESSED, "mlp_fc": LOWRANK})
     model = GPT(cfg, n_initial_layers=2)
-    assert isinstance(model.transformer.h[0].attn.core, CausalLinformerAttention)
+    assert isinstance(model.transformer.h[0].attn.core, CompressedCausalAttention)
     model.realize()
     assert all(isinstance(b.attn.core, FullCausalAttention) for b in model.transformer.h)
     assert not any("core" in key for key in model.state_dict())

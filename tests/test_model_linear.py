@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from model.config import LinearSpec
-from model.linear import (ABBALinear, LowRankLinear, make_linear, realize_linear, residual_init_std,
-                          zero_output_)
+from model.kinds import make_linear, realize_linear, zero_output_
+from model.linear import ABBALinear, LowRankLinear, residual_init_std
 
 
 class OutputSizeRecorder(TorchDispatchMode):

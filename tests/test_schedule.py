@@ -1,14 +1,21 @@
 """The stage plan and the LR schedule: pure functions of the config."""
 import itertools
+import math
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from distributed.config import load_config
-from distributed.schedule import (build_plan, format_plan, learning_rate, split_steps, stage_at,
-                                  tokens_per_step)
+from distributed.schedule import (block_budgets, build_plan, dense_lr_integral, format_budgets,
+                                  format_plan, learning_rate, new_parameter_names, new_parameter_warmup,
+                                  plan_record, split_steps, stage_at, tokens_per_step)
+from distributed.train import apply_stage
+from model import GPT
 
-TINY = Path(__file__).resolve().parents[1] / "configs/experiments/tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/experiments/tiny.yaml"
 
 # Every combination of the schedule's switches that the config accepts.
 VARIANTS = [
@@ -60,7 +67,8 @@ def test_without_layerwise_growth_every_block_exists_from_the_start():
 
 
 def test_stage_weights_split_the_growth_budget():
-    cfg = config(**{"schedule.stage_weights": "[1, 1, 2, 4]", "train.max_steps": 100,
+    cfg = config(**{"schedule.stage_weights": "[1, 1, 2, 4]", "schedule.growth_fraction": "null",
+                    "train.max_steps": 100,
                     "train.warmup_steps": 10, "schedule.finish_fraction": 0.2})
     steps = [s.steps for s in build_plan(cfg)]
     assert steps[-1] == 20 and sum(steps) == 100
@@ -98,8 +106,8 @@ def test_plan_table_lists_every_stage_and_the_budget():
     assert f"{sum(s.tokens for s in plan):,}" in table and "realizes every block" in table
 
 
-def test_learning_rate_warms_up_then_decays_to_min_lr():
-    cfg = config(**{"schedule.rewarmup_steps": 0})
+def test_cosine_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = config(**{"schedule.lr_schedule": "cosine"})
     plan = build_plan(cfg)
     lrs = [learning_rate(cfg, plan, s) for s in range(1, cfg.train.max_steps + 1)]
     w = cfg.train.warmup_steps
@@ -109,18 +117,110 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert lrs[-1] == pytest.approx(cfg.train.min_lr, rel=1e-3)
 
 
-def test_rewarmup_ramps_the_lr_after_every_stage_boundary():
+def test_new_parameters_warm_up_after_every_stage_boundary():
     cfg = config(**{"schedule.rewarmup_steps": 5})
-    base_cfg = config(**{"schedule.rewarmup_steps": 0})
     plan = build_plan(cfg)
     for stage in plan[1:]:
         first = stage.start_step + 1
-        ramp = [learning_rate(cfg, plan, first + k) / learning_rate(base_cfg, plan, first + k)
-                for k in range(7)]
-        assert ramp[:5] == pytest.approx([k / 6 for k in range(1, 6)])
-        assert ramp[5:] == pytest.approx([1.0, 1.0])
-    # The first stage has only the run's warm-up.
-    assert learning_rate(cfg, plan, 30) == learning_rate(base_cfg, plan, 30)
+        ramp = [new_parameter_warmup(cfg, plan, first + k) for k in range(7)]
+        assert ramp == pytest.approx([k / 6 for k in range(1, 6)] + [1.0, 1.0])
+    # The first stage has only the run's warm-up; under `stage` every stage warms up by itself.
+    assert all(new_parameter_warmup(cfg, plan, s) == 1.0 for s in range(1, plan[0].end_step + 1))
+    staged = config(**{"schedule.rewarmup_steps": 5, "schedule.lr_schedule": "stage"})
+    assert all(new_parameter_warmup(staged, plan, s) == 1.0 for s in range(1, 401))
+
+
+def test_wsd_is_constant_until_the_finish_then_decays_linearly_to_min_lr():
+    cfg = config(**{"schedule.lr_schedule": "wsd"})
+    plan = build_plan(cfg)
+    t, finish = cfg.train, plan[-1]
+    lrs = [learning_rate(cfg, plan, s) for s in range(1, t.max_steps + 1)]
+    assert all(a < b for a, b in zip(lrs[:t.warmup_steps], lrs[1:t.warmup_steps + 1]))
+    assert set(lrs[t.warmup_steps:finish.start_step]) == {t.learning_rate}
+    decay = lrs[finish.start_step:]
+    steps = [a - b for a, b in zip([t.learning_rate] + decay, decay)]
+    assert steps == pytest.approx([steps[0]] * len(decay))  # linear, from the peak
+    assert decay[-1] == pytest.approx(t.min_lr)
+    # Without a finish the same share of the run decays, so a variant and its baseline match.
+    no_finish = config(**{"schedule.lr_schedule": "wsd", "schedule.full_rank_finish": False})
+    no_finish_plan = build_plan(no_finish)
+    assert [learning_rate(no_finish, no_finish_plan, s) for s in range(1, t.max_steps + 1)] == lrs
+
+
+def test_stage_schedule_warms_up_and_decays_within_every_stage():
+    cfg = config(**{"schedule.lr_schedule": "stage", "schedule.rewarmup_steps": 5})
+    plan = build_plan(cfg)
+    t = cfg.train
+    for stage in plan:
+        lrs = [learning_rate(cfg, plan, s) for s in range(stage.start_step + 1, stage.end_step + 1)]
+        warm = t.warmup_steps if stage.index == 0 else 5
+        assert lrs[:warm + 1] == pytest.approx([t.learning_rate * (k + 1) / (warm + 1)
+                                                for k in range(warm)] + [t.learning_rate])
+        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+        assert lrs[-1] == pytest.approx(t.min_lr)
+
+
+@pytest.mark.parametrize("schedule, freeze", [("cosine", True), ("wsd", False), ("stage", True)])
+def test_block_budgets_are_exact_sums_over_the_steps_each_block_trains(schedule, freeze):
+    cfg = config(**{"schedule.lr_schedule": schedule, "schedule.freeze_previous": freeze})
+    plan = build_plan(cfg)
+    lr = {s: learning_rate(cfg, plan, s) for s in range(1, cfg.train.max_steps + 1)}
+    for b in block_budgets(cfg, plan):
+        # Step by step: block b trains at step s when it exists then and is not frozen.
+        trained = [s for s in lr if b.index < stage_at(plan, s - 1).n_blocks
+                   and b.index not in stage_at(plan, s - 1).frozen_blocks]
+        assert b.steps_trained == len(trained)
+        assert b.lr_integral == math.fsum(lr[s] for s in trained)
+    # The dense baseline: one stage, every block every step, the same schedule family.
+    dense = config(**{"schedule.lr_schedule": schedule, "schedule.layerwise": False,
+                      "schedule.freeze_previous": False, "schedule.full_rank_finish": False})
+    dense_plan = build_plan(dense)
+    assert dense_lr_integral(cfg) == math.fsum(learning_rate(dense, dense_plan, s) for s in lr)
+
+
+def ablation_config(experiment: str, ablation: str | None, *extra: str):
+    overrides = yaml.safe_load((ROOT / ablation).read_text())["overrides"] if ablation else []
+    return load_config(ROOT / experiment, [*overrides, *extra])
+
+
+@pytest.mark.parametrize("experiment, ablation", [
+    ("configs/experiments/tiny.yaml", None), ("configs/experiments/tiny.yaml", "configs/ablation/tiny.yaml"),
+    ("configs/experiments/gpt2-124m.yaml", "configs/ablation/gpt2-124m.yaml")])
+def test_growth_gives_every_block_half_the_dense_lr_integral(experiment, ablation):
+    """Issue 12's target: with the default schedule, growth without freezing gives every block at
+    least half of a dense-baseline block's LR integral (one cosine over equal stages gave the last
+    block 3.5 % at the gpt2-124m ablation settings)."""
+    cfg = ablation_config(experiment, ablation, "schedule.freeze_previous=false")
+    record = plan_record(cfg, build_plan(cfg))
+    assert min(b["lr_integral"] for b in record["blocks"]) >= 0.5 * record["dense_lr_integral"]
+    if "gpt2" in experiment:
+        return  # (the comparison below costs another plan of 13 stages)
+    # Equal stages under one cosine is what starved the late blocks.
+    old = ablation_config(experiment, ablation, "schedule.freeze_previous=false",
+                          "schedule.lr_schedule=cosine", "schedule.growth_fraction=null")
+    old_record = plan_record(old, build_plan(old))
+    assert min(b["lr_integral"] for b in old_record["blocks"]) < 0.2 * old_record["dense_lr_integral"]
+    table = format_budgets(record)
+    assert all(f"{b['lr_integral']:.4g}" in table for b in record["blocks"])
+
+
+def test_new_parameter_names_are_those_of_the_real_model():
+    """The optimizer groups' `new` flags come from meta-device models of the plan; they must name
+    exactly the real model's parameters that were not trainable in the stage before."""
+    cfg = config(**{"model.n_layer": 3, "model.n_embd": 32, "model.n_head": 2,
+                    "schedule.freeze_embeddings": True})
+    plan = build_plan(cfg)
+    model = GPT(cfg.model, n_initial_layers=plan[0].n_blocks)
+    apply_stage(model, plan[0], cfg.seed)
+    for stage in plan[1:]:
+        was = {n for n, p in model.named_parameters() if p.requires_grad}
+        apply_stage(model, stage, cfg.seed)
+        now = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert new_parameter_names(cfg, plan, stage, carried=True) == now - was
+        assert new_parameter_names(cfg, plan, stage, carried=False) == now
+    assert new_parameter_names(cfg, plan, plan[0], carried=True) == frozenset()
+    # Realizing renames every factorised weight, so the finish's dense weights are all new.
+    assert any(n.endswith("c_fc.weight") for n in new_parameter_names(cfg, plan, plan[-1], True))
 
 
 def test_stage_at_maps_steps_to_stages():

@@ -31,12 +31,13 @@ def _ok(result) -> None:
 
 @pytest.fixture(scope="module")
 def reference_runs(tiny_trainer_config, tmp_path_factory):
-    """Uninterrupted runs, one per ZeRO stage; ZeRO-1 also logs to wandb (offline)."""
+    """Uninterrupted runs, one per ZeRO stage; ZeRO-1 also logs to wandb (offline) and offloads the
+    optimizer to the CPU."""
     runs = {}
     shm_before = _shm_allreduce_buffers()
     for zero in (0, 1, 2, 3):
         run_dir = tmp_path_factory.mktemp(f"zero{zero}") / "run"
-        extra = ["wandb.enabled=true"] if zero == 1 else []
+        extra = ["wandb.enabled=true", "deepspeed.offload_optimizer=true"] if zero == 1 else []
         result = launch_trainer(tiny_trainer_config, run_dir, f"deepspeed.zero_stage={zero}", *extra)
         runs[zero] = (run_dir, result)
     runs["shm_left_behind"] = _shm_allreduce_buffers() - shm_before
@@ -86,6 +87,12 @@ def test_every_zero_stage_runs_growth_freezing_and_the_full_rank_finish(referenc
     assert {r["step"] for r in evals if r["when"] == "stage_end"} == set(STAGE_ENDS)
     realized = [r for r in evals if r["when"] == "realized"]
     assert len(realized) == 1 and realized[0]["step"] == 9 and realized[0]["stage"] == 3
+    # Compressed attention's slot diagnostics: every block present at the eval, none once realized.
+    before = next(r for r in evals if r["step"] == STAGE_ENDS[2] and r["when"] == "stage_end")
+    assert {k for k in before if k.startswith("attn/")} == {
+        f"attn/{name}/{i}" for name in ("slot_cosine", "slot_mass") for i in range(3)}
+    assert all(0 < before[f"attn/slot_mass/{i}"] < 1 for i in range(3))
+    assert not any(k.startswith("attn/") for k in realized[0])
 
     model, meta = load_final(run_dir)
     assert len(model.transformer.h) == 3 and meta["meta"]["steps"] == 12
@@ -128,6 +135,15 @@ def test_frozen_parameters_get_no_optimizer_state(reference_runs, zero):
     # Freezing block 0 and the embeddings at stage 1 shrinks the state; the finish unfreezes all.
     state = [sum(r["optimizer_state_bytes_per_rank"]) for r in ends]
     assert state[1] < state[0] / 2 and state[3] > state[0]
+
+
+def test_offloaded_optimizer_trains_like_the_one_on_the_device(reference_runs):
+    """ZeRO-1 with deepspeed.offload_optimizer: the same AdamW steps ZeRO's fp32 partitions in CPU
+    memory, so the losses are ZeRO-2's (same partitioned math) up to float reassociation."""
+    offloaded, on_device = _losses(reference_runs[1][0]), _losses(reference_runs[2][0])
+    assert offloaded.keys() == on_device.keys() == set(range(1, 13))
+    for step in on_device:
+        assert offloaded[step] == pytest.approx(on_device[step], rel=1e-5), step
 
 
 def test_wandb_offline_run_lands_in_the_run_directory(reference_runs):

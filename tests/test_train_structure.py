@@ -8,14 +8,15 @@ import torch
 from distributed import checkpoint as ckpt
 from distributed.config import load_config
 from distributed.schedule import build_plan
-from distributed.train import apply_stage, block_seed, config_differences
+from distributed.preflight import config_differences
+from distributed.train import apply_stage, block_seed
 from model import GPT
 
 TINY = Path(__file__).resolve().parents[1] / "configs/experiments/tiny.yaml"
 SMALL = ["model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
          "approx.attn_qkv={kind: abba, r1: 4, r2: 4}", "approx.attn_proj={kind: abba, r1: 4, r2: 4}",
          "approx.mlp_fc={kind: lowrank, rank: 8}", "approx.mlp_proj={kind: lowrank, rank: 8}",
-         "approx.attention={kind: linformer, k: 8, window: 8, chunk: 16}",
+         "approx.attention={kind: compressed, slots: 4, chunk: 8, window: 4, allow_costlier: true}",
          "schedule.freeze_embeddings=true", "train.max_steps=12", "train.warmup_steps=2"]
 
 
@@ -117,3 +118,56 @@ def test_resume_rejects_config_changes_that_change_the_math():
     new = {"seed": 1, "out_dir": "b", "train": {"max_steps": 12, "lr": 1.0},
            "debug": {"kill_at_step": None}, "data": {"cache_dir": "/y", "path": "p"}}
     assert config_differences(old, new) == ["train.max_steps: 10 -> 12"]
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state too
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]
+
+
+def test_manifest_catches_truncation_and_bit_flips_and_resume_falls_back(tmp_path, capsys):
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (4, 8):
+        _fake_tag(root, step, complete=True)
+        (root / ckpt.tag_for_step(step) / "rng_rank0.pt").write_bytes(bytes(range(200)))
+        ckpt.write_manifest(root / ckpt.tag_for_step(step))
+    (root / ckpt.LATEST_FILE).write_text(ckpt.tag_for_step(8))
+    newest = root / ckpt.tag_for_step(8)
+    assert ckpt.verify_checkpoint(newest) is None
+    assert ckpt.latest_checkpoint(tmp_path, verify=True)[0] == ckpt.tag_for_step(8)
+
+    flipped = bytearray((newest / "rng_rank0.pt").read_bytes())
+    flipped[7] ^= 1
+    (newest / "rng_rank0.pt").write_bytes(bytes(flipped))
+    assert "sha256" in ckpt.verify_checkpoint(newest)
+    (newest / "rng_rank0.pt").write_bytes(bytes(flipped[:50]))
+    assert "has 50 bytes" in ckpt.verify_checkpoint(newest)
+    tag, meta = ckpt.latest_checkpoint(tmp_path, verify=True)
+    assert tag == ckpt.tag_for_step(4) and meta["step"] == 4
+    assert f"checkpoint {ckpt.tag_for_step(8)} is damaged" in capsys.readouterr().err
+
+    (root / ckpt.tag_for_step(4) / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="every complete checkpoint"):
+        ckpt.latest_checkpoint(tmp_path, verify=True)
+
+
+def test_an_unreadable_completion_marker_is_said(tmp_path, capsys):
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (4, 8):
+        _fake_tag(root, step, complete=True)
+        ckpt.write_manifest(root / ckpt.tag_for_step(step))
+    (root / ckpt.tag_for_step(8) / ckpt.META_FILE).write_text('{"format": "approxg')  # cut short
+    tag, _ = ckpt.latest_checkpoint(tmp_path, verify=True)
+    assert tag == ckpt.tag_for_step(4)
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt.tag_for_step(8)}: its completion marker" in err and "unreadable" in err

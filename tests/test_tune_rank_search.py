@@ -38,9 +38,13 @@ def tiny_model():
     ("attn_qkv", "lowrank", {}, lambda d: math.ceil(3 * d * d / (4 * d))),    # 96: equal is no saving
     # abba: 2 r^2 (in + out) < 2 in out  <=>  r^2 < in out / (in + out)
     ("attn_proj", "abba", {}, lambda d: next(r for r in range(1, d) if r * r * 2 * d >= d * d)),
-    # linformer at T=128, chunk 32, window 16: every score/value 4(k + 48)d, compression 4kd, all
-    # trained (x3), against causal full attention 2d(T + 1) (x3): k >= 8.25
-    ("attention", "linformer", {"chunk": 32, "window": 16}, lambda d: 9),
+    # compressed at T=128, chunk 16 (n = 8 chunks), window 8: per token the scores and values
+    # 4d(7s + 24), the pooling 1.75ds (weight matmul) + 3.5ds (P^T K, P^T V), all trained (x3),
+    # against causal full attention 2d(T + 1) (x3): 33.25 s + 96 >= 258  <=>  s >= 4.87. Slots 5
+    # costs more than full attention, so the search must price what the config refuses.
+    ("attention", "compressed", {"chunk": 16, "window": 8}, lambda d: 5),
+    # chunk 32, window 16 (n = 4): 16.5 s + 192 >= 258 <=> s >= 4: equal cost is no saving
+    ("attention", "compressed", {"chunk": 32, "window": 16}, lambda d: 4),
 ])
 def test_break_even_comes_from_the_accounting(tiny_model, site, kind, fixed, closed_form):
     even = rs.break_even(tiny_model, site, kind, fixed)
@@ -48,8 +52,12 @@ def test_break_even_comes_from_the_accounting(tiny_model, site, kind, fixed, clo
     dense = rs.site_training_flops(tiny_model, site, None)
     # the defining property, by the accounting: one below saves FLOPs, at break-even it does not
     assert rs.site_training_flops(tiny_model, site, knob.spec(even - 1, fixed)) < dense
-    assert rs.site_training_flops(tiny_model, site, knob.spec(even, fixed)) >= dense
+    assert rs.site_training_flops(tiny_model, site, knob.spec(even, fixed, probe=True)) >= dense
     assert even == closed_form(tiny_model.n_embd)
+    if kind == "compressed":   # the config refuses what costs more than full attention, unprobed
+        costlier = knob.spec(even + 1, fixed)
+        with pytest.raises(ValueError, match="allow_costlier"):
+            rs.site_training_flops(tiny_model, site, costlier)
 
 
 def test_shipped_configs_sweep_strictly_below_break_even():
@@ -197,8 +205,8 @@ def test_outputs_from_trial_directories(tmp_path):
     every budget by the accounting), ranks.json, ranks.md and a best.yaml that load_config takes."""
     # three sites of two kinds (fewer than the config's five keeps this test quick)
     config = rs.load_rank_search(TINY, [f"out_dir={tmp_path}", "sites={mlp_fc: {kind: lowrank, low: 4}, "
-                                        "attn_qkv: {kind: abba}, attention: {kind: linformer, "
-                                        "fixed: {chunk: 32, window: 16}}}",
+                                        "attn_qkv: {kind: abba}, attention: {kind: compressed, "
+                                        "fixed: {chunk: 16, window: 8}}}",
                                         "allocation.budgets=[0.7, 0.85]"])   # these three reach 0.67
     plan = rs.sweep_plan(config, tmp_path)
     dense_flops = rs.estimated_training_flops(

@@ -1,5 +1,6 @@
-"""The ablation on real Ray: Tune trials running Ray Train + the trainer, fault tolerance, resume, and
-the cluster path (`ray start --head` + `ray job submit --working-dir .`) with Ray's wandb callback.
+"""The ablation on real Ray: Tune trials running Ray Train + the trainer, fault tolerance (a killed
+worker, SIGTERM to one rank, a killed driver), resume, and the cluster path (`ray start --head` +
+`python -m cluster.submit`, Ray's job API) with the wandb callback.
 
 Both tests use a micro model and a ~20-step budget: they check the plumbing, not the numbers.
 """
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.submit import run_job_submit
 from tune.results import evaluations, read_csv, read_json, read_metrics
 from wandb_records import read_offline_run
 
@@ -28,10 +28,10 @@ MICRO = ["overrides=[model.n_layer=2, model.n_embd=32, model.n_head=2, model.blo
          "train.micro_batch_size=4, train.max_steps=20, train.warmup_steps=2, "
          "train.eval_interval=4, train.checkpoint_interval=4, data.val_tokens=1024, "
          "deepspeed.zero_stage=0, wandb.enabled=false]"]
-# Every axis fixed, low-rank MLP on (with a rank that fits the micro model): the grid is the dense
-# baseline + one variant, two trials at once.
-TWO_TRIALS = ["axes.abba_attn.fixed=false", "axes.lowrank_v.fixed=false", "axes.freeze.fixed=false",
-              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2"]
+# Every axis fixed, low-rank MLP on (with a rank that fits the micro model), no dense frontier: the
+# grid is the dense baseline + one variant, two trials at once.
+TWO_TRIALS = ["axes.abba_attn.fixed=false", "axes.compressed_attn.fixed=false", "axes.freeze.fixed=false",
+              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2", "frontier.budgets=[]"]
 LOWRANK_MLP = ("axes.lowrank_mlp.when_on=[\"approx.mlp_fc={kind: lowrank, rank: 8}\", "
                "\"approx.mlp_proj={kind: lowrank, rank: 8}\"")
 
@@ -103,9 +103,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit_to_a_local_head(tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of a 2-trial ablation with
-    wandb on (offline: no key), results and wandb runs checked, cluster stopped (by its own process
-    group, leaving other Ray instances be)."""
+    """`ray start --head` on 127.0.0.1, `python -m cluster.submit ablation` (Ray's job API, the
+    repository as working dir) of a 2-trial ablation with wandb on (offline: no key), results and
+    wandb runs checked, cluster stopped (by its own process group, leaving other Ray instances be)."""
     env = _env(tmp_path)
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         env.pop(key, None)
@@ -113,6 +113,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     # Token authentication, as Ray >= 2.59 enables for local clusters: a token of our own, given to
     # the head and to the client through the environment (never ~/.ray).
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), env["PATH"]])   # the job's `python`
     gcs, dashboard = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"rt{uuid.uuid4().hex[:6]}"   # short: Ray puts sockets in it
     head = subprocess.Popen(
@@ -134,21 +135,29 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             assert head.poll() is None, head.stdout.read()
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
-        excludes = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "wandb"]
-        submit = run_job_submit(
-            [RAY, "job", "submit", "--address", address, "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
-             PYTHON, "-m", "tune.ablation", "--config", "configs/ablation/tiny.yaml",
-             "--out-dir", str(out), *MICRO, *TWO_TRIALS, LOWRANK_MLP + "]", "seeds=[7]",
-             "wandb.enabled=true"],
-            env=env, cwd=ROOT, timeout=240)
+        # cluster.submit, as a user runs it: the job API uploads the repository, the job runs
+        # `python -m tune.ablation` there, its logs are followed to the end. An --env secret
+        # travels in the request only: no line of what the command printed holds it.
+        secret = f"s3cret-{uuid.uuid4().hex}"
+        submit = subprocess.run(
+            [PYTHON, "-m", "cluster.submit", "ablation", "--address", address,
+             "--config", "configs/ablation/tiny.yaml", "--shared-dir", str(tmp_path),
+             "--out-dir", str(out), "--env", f"APPROXGPT_TEST_SECRET={secret}",
+             *MICRO, *TWO_TRIALS, LOWRANK_MLP + "]", "seeds=[7]", "wandb.enabled=true"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
-        assert "succeeded" in log
+        assert "SUCCEEDED" in log and "ablation 'ablation-tiny': 2/2 trials finished" in log
+        assert secret not in log
         rows = read_csv(out / "results.csv")
         assert {r["variant"] for r in rows} == {"dense", "grow+lrmlp+finish"}
         assert all(r["status"] == "ok" and r["seed"] == 7 and r["final_val_loss"] > 0 for r in rows)
         assert (out / "report.md").is_file()
+        summary = json.loads((out / "report.json").read_text())
+        assert summary["n_seeds"] == 1 and summary["control"] == "grow+lrmlp+finish"
+        final = summary["metrics"]["final"]
+        assert final["cells"]["dense"]["loss_mean"] == pytest.approx(
+            next(r["final_val_loss"] for r in rows if r["variant"] == "dense"), rel=1e-12)
         # One complete offline wandb run per trial, grouped by experiment, configured with the
         # trial's variant and seed, whose history is every evaluation the trainer logged.
         runs = {r["name"]: r for r in map(read_offline_run, (out / "wandb").rglob("offline-run-*/*.wandb"))}
@@ -172,3 +181,110 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# One trial (every axis off: the grid is the dense baseline alone) on two Ray Train workers.
+ONE_TRIAL_TWO_RANKS = [f"axes.{axis}.fixed=false" for axis in
+                       ("layerwise", "abba_attn", "lowrank_v", "lowrank_mlp", "freeze", "finish")] \
+    + ["resources.workers_per_trial=2", "resources.max_concurrent_trials=1"]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass   # the line being written
+    return out
+
+
+def _wait_for(what: str, condition, driver: subprocess.Popen, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert driver.poll() is None, f"the driver ended before {what}: {driver.communicate()[0][-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _tag(step: int) -> str:
+    return f"step{step:07d}"   # distributed/checkpoint.py's checkpoint names
+
+
+def _train_worker_pids(marker: str) -> list[int]:
+    """Ray Train workers of this test's Ray instance (their environment holds `marker`), by pid."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker") \
+                    and marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_checkpoints_and_a_killed_driver_resumes(tmp_path):
+    """Preemption under Ray: SIGTERM to one of a trial's two Train workers stops both ranks after the
+    same step with a checkpoint, and the restarted worker group resumes from exactly that step; then
+    the Tune driver is SIGKILLed mid-trial, and re-running the command resumes the trial from its
+    newest checkpoint instead of starting over."""
+    out = tmp_path / "exp"
+    env = _env(tmp_path)
+    cmd = [PYTHON, "-m", "tune.ablation", "--config", "configs/ablation/tiny.yaml", "--out-dir", str(out),
+           *MICRO, *ONE_TRIAL_TWO_RANKS]
+    run_dir = out / "trials" / "dense_s1337"
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        _wait_for("step 6", lambda: any(r["event"] == "train" and r["step"] >= 6 for r in _records(run_dir)),
+                  driver)
+        workers = _train_worker_pids(env["APPROXGPT_CACHE"])
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGTERM)
+        stopped = _wait_for("the stop", lambda: [r for r in _records(run_dir) if r["event"] == "stopped"],
+                            driver)[0]
+        # Rank 0 (which got no signal) logged the stop: the two ranks agreed on the step.
+        assert stopped["step"] >= 7 and Path(stopped["checkpoint"]).name == _tag(stopped["step"]), stopped
+        restarted = _wait_for("the restarted workers", lambda: [
+            r for r in _records(run_dir) if r["event"] == "run_start" and r["attempt"] == 1], driver)[0]
+        assert restarted["resumed_from"] == Path(stopped["checkpoint"]).name
+        _wait_for("a step after the restart", lambda: any(
+            r["event"] == "train" and r["attempt"] == 1 and r["step"] > stopped["step"] + 1
+            for r in _records(run_dir)), driver)
+        os.kill(driver.pid, signal.SIGKILL)   # the Tune driver, mid-trial
+        driver.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)   # whatever is left of the Ray instance it started
+        except ProcessLookupError:
+            pass
+        driver.wait(timeout=60)
+    first = [r for r in _records(run_dir) if r["event"] == "train" and r["attempt"] == 1]
+    assert min(r["step"] for r in first) == stopped["step"] + 1
+    killed_at = max(r["step"] for r in first)
+    assert killed_at < 20, "the trial finished before the driver was killed"
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert "resuming the experiment" in rerun.stdout
+    records = _records(run_dir)
+    starts = [r for r in records if r["event"] == "run_start"]
+    resumed = starts[-1]
+    assert resumed["attempt"] == 2
+    # The newest checkpoint before the kill: the stop's or a later one (every 4 steps), not older
+    # than the last multiple of 4 before the last step logged (whose own checkpoint may not be done).
+    resumed_step = int(resumed["resumed_from"].removeprefix("step"))
+    assert resumed_step == stopped["step"] or resumed_step % 4 == 0
+    assert max(stopped["step"], killed_at - killed_at % 4 - 4) <= resumed_step <= killed_at
+    second = [r for r in records if r["event"] == "train" and r["attempt"] == 2]
+    assert min(r["step"] for r in second) == resumed_step + 1 and max(r["step"] for r in second) == 20
+    row, = read_csv(out / "results.csv")
+    assert row["status"] == "ok" and row["final_val_loss"] > 0

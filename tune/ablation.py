@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{table}\n")
     print(f"ablation {config.name!r}: {len(rows) - len(failed)}/{len(rows)} trials finished in "
           f"{time.time() - start:.0f} s")
-    for name in ("report.md", RESULTS_CSV, "pareto.png", "effects.png", "curves.png"):
+    for name in ("report.md", report.REPORT_JSON, RESULTS_CSV, "pareto.png", "effects.png", "curves.png"):
         print(f"  {name:12s} {experiment_dir / name}")
     print(f"  {'trials':12s} {experiment_dir / TRIALS}/<variant>_s<seed>/ (metrics.jsonl, checkpoints)")
     if failed:

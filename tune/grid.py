@@ -13,7 +13,9 @@ lines take) it applies in each state:
 
 Free axes (no `fixed`) span the full factorial grid; `requires` drops combinations that cannot run
 (freezing needs layer-wise growth). A dense baseline -- every axis off, all blocks from step 0 -- is
-always added. `seeds` repeats every variant. Every variant's config is validated here, before Ray
+always added, and with it the dense compute frontier: the baseline retrained at the fractions
+`frontier.budgets` of its steps (variants `dense@0.5`, ...), against which the report judges whether
+an approximation pays off at equal FLOPs. `seeds` repeats every variant. Every variant's config is validated here, before Ray
 starts, so a bad axis fails in a second with the variant's name instead of inside a trial.
 """
 from __future__ import annotations
@@ -23,16 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from common import StrictModel as _Strict
 from distributed.config import (ConfigError, ExperimentConfig, apply_overrides, read_yaml,
                                 validate_config)
+from tune.frontier import FrontierSpec, frontier_name, scaled_train_overrides
 
 BASELINE_NAME = "dense"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class AxisSpec(_Strict):
@@ -63,6 +63,14 @@ class WandbSpec(_Strict):
     mode: Literal["auto", "online", "offline"] = "auto"
 
 
+class ReportSpec(_Strict):
+    # The variant every simple effect is measured against; None: the grid variant with every free
+    # axis off (fixed axes at their fixed state), e.g. `grow+finish`.
+    control: str | None = None
+    # Where leave-one-out toggles each axis; None: the grid variant with every free axis on.
+    operating_point: str | None = None
+
+
 class AblationConfig(_Strict):
     name: str
     experiment: str                  # base experiment YAML, relative to the working directory
@@ -75,6 +83,8 @@ class AblationConfig(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     failures: FailureSpec = FailureSpec()
     wandb: WandbSpec = WandbSpec()
+    frontier: FrontierSpec = FrontierSpec()
+    report: ReportSpec = ReportSpec()
 
     @model_validator(mode="after")
     def _names_line_up(self) -> "AblationConfig":
@@ -106,7 +116,10 @@ class Variant:
     name: str                 # e.g. "grow+abba+freeze+finish"; "dense" for the baseline
     axes: dict[str, bool]     # every axis -> on/off
     overrides: list[str]      # dotted overrides on top of the base experiment YAML
-    baseline: bool = False
+    baseline: bool = False    # the full-budget dense model (every axis off)
+    # Fraction of the dense baseline's steps (and so FLOPs): < 1 for the dense frontier's points,
+    # which are the baseline trained to a shorter, complete LR schedule.
+    budget: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -173,7 +186,16 @@ def expand(config: AblationConfig) -> Grid:
     off = {name: False for name in config.axes}
     variants = [v for v in variants if v.axes != off]
     baseline = Variant(BASELINE_NAME, off, variant_overrides(config, off, baseline=True), baseline=True)
-    return Grid(config, [baseline, *variants], dropped)
+    frontier = [Variant(frontier_name(BASELINE_NAME, f), off, baseline.overrides, budget=f)
+                for f in config.frontier.budgets]
+    grid = Grid(config, [baseline, *frontier, *variants], dropped)
+    names = [v.name for v in grid.variants if v.budget == 1.0]
+    for key in ("control", "operating_point"):
+        chosen = getattr(config.report, key)
+        if chosen is not None and chosen not in names:
+            raise ConfigError(f"report.{key}: {chosen!r} is not a variant of this grid; valid: "
+                              f"{', '.join(names)}")
+    return grid
 
 
 def experiment_config(config: AblationConfig, trial: TrialSpec, run_dir: str | Path) -> ExperimentConfig:
@@ -181,17 +203,33 @@ def experiment_config(config: AblationConfig, trial: TrialSpec, run_dir: str | P
     raw = apply_overrides(read_yaml(config.experiment), trial.variant.overrides)
     raw = apply_overrides(raw, [f"seed={trial.seed}", f"name={trial.trial_name}"])
     raw["out_dir"] = str(run_dir)
-    return validate_config(raw, source=f"{config.experiment} [variant {trial.variant.name}]")
+    source = f"{config.experiment} [variant {trial.variant.name}]"
+    if trial.variant.budget != 1.0:
+        # A frontier point: the same dense run with every step count scaled, so it gets its own
+        # complete warm-up + cosine schedule rather than being a checkpoint of the long run.
+        full = validate_config(raw, source=source)
+        raw = apply_overrides(raw, scaled_train_overrides(full.train, trial.variant.budget, source))
+    return validate_config(raw, source=source)
 
 
 def validate_grid(grid: Grid) -> None:
     """Build every variant's config once (seed-independent), so mistakes surface before Ray starts."""
-    errors = []
+    errors, frontier_steps = [], {}
     for variant in grid.variants:
         try:
-            experiment_config(grid.config, TrialSpec(variant, grid.config.seeds[0]), "unused")
+            cfg = experiment_config(grid.config, TrialSpec(variant, grid.config.seeds[0]), "unused")
         except ConfigError as exc:
             errors.append(str(exc))
+            continue
+        if variant.budget != 1.0 or variant.baseline:
+            frontier_steps.setdefault(cfg.train.max_steps, []).append(variant.name)
+    for steps, names in frontier_steps.items():
+        if len(names) > 1:
+            errors.append(f"frontier.budgets: {', '.join(names)} all train {steps} steps; valid: "
+                          "budgets that differ by at least one step of train.max_steps")
+    errors = list(dict.fromkeys(errors))   # a bad base config fails every variant the same way
+    if len(errors) > 3:
+        errors = errors[:3] + [f"(and {len(errors) - 3} more variants fail)"]
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -204,6 +242,8 @@ def describe(grid: Grid) -> str:
              f"  free axes: {', '.join(c.free_axes)}; fixed: {fixed}"]
     if grid.dropped:
         lines.append(f"  dropped by `requires`: {', '.join(grid.dropped)}")
+    frontier = [v.name for v in grid.variants if v.budget != 1.0]
+    lines.append(f"  dense frontier: {', '.join(frontier) or 'none'} (+ {BASELINE_NAME})")
     return "\n".join(lines)
 
 
@@ -215,8 +255,9 @@ def experiment_record(grid: Grid) -> dict:
         "axes": {name: spec.label for name, spec in c.axes.items()},
         "free_axes": c.free_axes, "fixed_axes": c.fixed_axes,
         "variants": [{"name": v.name, "axes": v.axes, "overrides": v.overrides,
-                      "baseline": v.baseline} for v in grid.variants],
+                      "baseline": v.baseline, "budget": v.budget} for v in grid.variants],
         "trials": [{"trial_name": t.trial_name, "variant": t.variant.name, "seed": t.seed,
-                    "axes": t.variant.axes, "baseline": t.variant.baseline} for t in grid.trials()],
+                    "axes": t.variant.axes, "baseline": t.variant.baseline,
+                    "budget": t.variant.budget} for t in grid.trials()],
         "ablation_config": c.model_dump(mode="json"),
     }

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from model.config import SITES
 
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ranks at which to measure the truncation loss (comma-separated)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if not 0 < args.share <= 1:
+        print(f"error: --share must be in (0, 1], got {args.share}", file=sys.stderr)
+        return 2
     try:
         ranks = sorted({int(r) for r in args.ranks.split(",")})
         if not 0 < args.share <= 1 or ranks[0] < 1:
@@ -257,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         losses = {site: truncation_losses(model, batches, site, ranks) for site in SITES}
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SafetensorError, KeyError, RuntimeError, OSError) as exc:
+        # a garbage or truncated model.safetensors, a config.json without its sections
+        print(f"error: {args.path}: cannot read the final model ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else exc!r})", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"share": args.share, "weights": [asdict(w) for w in weights],

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from common import StrictModel as _Strict
 from distributed.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml, \
     validate_config
 from model.config import SITES, GPTConfig
@@ -71,27 +72,26 @@ class Knob:
     kind: str
     name: str            # what the number means, for tables and plots
 
-    def spec(self, value: int, fixed: dict) -> dict:
+    def spec(self, value: int, fixed: dict, probe: bool = False) -> dict:
+        """The approx spec at knob `value`. probe: for the break-even search, which must price
+        settings the config would refuse (compressed attention costlier than full attention)."""
         if self.kind == "lowrank":
             return {"kind": "lowrank", "rank": value}
         if self.kind == "abba":   # r1 = r2 = value: the weight reaches rank value^2
             return {"kind": "abba", "r1": value, "r2": value}
-        # TODO(attn): branch `attn` replaces `linformer {k, window, chunk}` by
-        # `compressed {slots, chunk, window}`; when it lands, add the `compressed` knob
-        # ({"kind": "compressed", "slots": value, **fixed}), drop this one, and update
-        # configs/rank_search/*.yaml. Nothing else here names the kind.
-        return {"kind": "linformer", "k": value, **fixed}
+        # compressed: slots varied, chunk and window from the site's `fixed`
+        return {"kind": "compressed", "slots": value, **fixed, **({"allow_costlier": True} if probe else {})}
 
-    def limit(self, model: GPTConfig, site: str) -> int:
-        """The largest value the config validation accepts."""
+    def limit(self, model: GPTConfig, site: str, fixed: dict) -> int:
+        """The largest value the config validation accepts (compressed: slots <= chunk)."""
         if site == ATTENTION:
-            return model.block_size
+            return min(fixed.get("chunk", model.block_size), model.block_size)
         return min(model.site_shape(site))
 
 
 KNOBS = {"lowrank": Knob("lowrank", "rank"), "abba": Knob("abba", "r (r1 = r2; rank <= r^2)"),
-         "linformer": Knob("linformer", "k (slots)")}
-LINEAR_KINDS, ATTENTION_KINDS = ("lowrank", "abba"), ("linformer",)
+         "compressed": Knob("compressed", "slots")}
+LINEAR_KINDS, ATTENTION_KINDS = ("lowrank", "abba"), ("compressed",)
 
 
 def with_site(model: GPTConfig, site: str, spec: dict | None, n_layer: int | None = None) -> GPTConfig:
@@ -124,10 +124,10 @@ def break_even(model: GPTConfig, site: str, kind: str, fixed: dict | None = None
     model's training FLOPs (knob values below it save FLOPs); limit + 1 when none does."""
     knob, fixed = KNOBS[kind], dict(fixed or {})
     dense = site_training_flops(model, site, None)
-    lo, hi = 1, knob.limit(model, site) + 1   # invariant: break-even in [lo, hi]
+    lo, hi = 1, knob.limit(model, site, fixed) + 1   # invariant: break-even in [lo, hi]
     while lo < hi:
         mid = (lo + hi) // 2
-        if site_training_flops(model, site, knob.spec(mid, fixed)) >= dense:
+        if site_training_flops(model, site, knob.spec(mid, fixed, probe=True)) >= dense:
             hi = mid
         else:
             lo = mid + 1
@@ -146,13 +146,9 @@ def log_grid(low: int, high: int, points: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- config
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class SiteSpec(_Strict):
     kind: str
-    fixed: dict[str, int] = {}        # the kind's other settings (linformer: chunk, window)
+    fixed: dict[str, int] = {}        # the kind's other settings (compressed: chunk, window)
     ranks: list[int] | None = None    # an explicit grid; None: the log grid below break-even
     low: int | None = Field(default=None, ge=1)   # this site's smallest grid value (default grid.low)
 

@@ -32,9 +32,16 @@ RESULTS_CSV = "results.csv"
 # Statuses a trial.json can hold.
 RUNNING, OK, ERROR = "running", "ok", "error"
 
-NUMERIC = ("final_val_loss", "val_loss_before_finish", "training_flops", "tokens", "wall_time_s",
-           "tokens_per_s", "total_params", "peak_trainable_params", "peak_memory_bytes")
-COLUMNS = ("variant", "seed", "status", "baseline", "axes", *NUMERIC, "attempts", "run_dir", "error")
+# The three points at which a trial's loss is read (each answers its own question; see tune/report.py)
+# and the training FLOPs spent by then.
+METRIC_POINTS = {"before_finish": ("val_loss_before_finish", "flops_before_finish"),
+                 "realized": ("val_loss_after_realize", "flops_before_finish"),
+                 "final": ("final_val_loss", "training_flops")}
+NUMERIC = ("final_val_loss", "val_loss_before_finish", "val_loss_after_realize", "training_flops",
+           "flops_before_finish", "tokens", "wall_time_s", "tokens_per_s", "total_params",
+           "peak_trainable_params", "peak_memory_bytes", "min_block_lr_ratio")
+COLUMNS = ("variant", "seed", "status", "baseline", "budget", "axes", *NUMERIC, "attempts", "run_dir",
+           "error")
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
@@ -49,6 +56,33 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# What the report needs from experiment.json (tune.grid.experiment_record writes it).
+EXPERIMENT_KEYS = ("name", "experiment", "seeds", "axes", "free_axes", "fixed_axes", "variants", "trials")
+TRIAL_KEYS = ("trial_name", "variant", "seed")
+
+
+def read_experiment(experiment_dir: str | Path) -> dict:
+    """experiment.json, checked: FileNotFoundError / ValueError naming the file and what is wrong."""
+    path = Path(experiment_dir) / EXPERIMENT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{experiment_dir} has no {EXPERIMENT_JSON}; is it an ablation's "
+                                "experiment directory (its out_dir)?")
+    rewrite = "`python -m tune.ablation` with the same config rewrites it"
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); {rewrite}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(spec).__name__}; {rewrite}")
+    missing = [key for key in EXPERIMENT_KEYS if key not in spec]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (a partial file?); {rewrite}")
+    for i, trial in enumerate(spec["trials"] if isinstance(spec["trials"], list) else [None]):
+        if not isinstance(trial, dict) or any(key not in trial for key in TRIAL_KEYS):
+            raise ValueError(f"{path}: trials[{i}] = {trial!r} needs {', '.join(TRIAL_KEYS)}; {rewrite}")
+    return spec
 
 
 def trial_dir(experiment_dir: str | Path, trial_name: str) -> Path:
@@ -79,6 +113,15 @@ def _max(records: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
+def min_block_lr_ratio(records: list[dict]) -> float | None:
+    """The least-trained block's LR integral over one block's in the dense baseline, from the newest
+    `run_start` record that carries the per-block budget (None when the trainer did not log it)."""
+    for record in reversed(records):
+        if record.get("event") == "run_start" and record.get("blocks") and record.get("dense_lr_integral"):
+            return min(float(b["lr_integral"]) for b in record["blocks"]) / float(record["dense_lr_integral"])
+    return None
+
+
 def summarize_metrics(records: list[dict]) -> dict:
     """One trial's headline numbers from its metrics records."""
     evals = evaluations(records)
@@ -95,7 +138,10 @@ def summarize_metrics(records: list[dict]) -> dict:
     return {
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "val_loss_before_finish": before["val_loss"] if before else None,
+        "val_loss_after_realize": evals[realized]["val_loss"] if realized is not None else None,
         "training_flops": _max(records, "flops"),
+        "flops_before_finish": before.get("flops") if before else None,
+        "min_block_lr_ratio": min_block_lr_ratio(records),
         "tokens": _max(records, "tokens"),
         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
         "total_params": _last(approximated, "params_total"),
@@ -114,7 +160,7 @@ def collect(experiment_dir: str | Path) -> list[dict]:
         info = read_json(run_dir / TRIAL_JSON) if (run_dir / TRIAL_JSON).is_file() else {}
         row = {
             "variant": trial["variant"], "seed": trial["seed"], "baseline": trial["baseline"],
-            "axes": trial["axes"],
+            "budget": trial.get("budget", 1.0), "axes": trial["axes"],
             "status": info.get("status", "not started"),
             "wall_time_s": info.get("wall_time_s"),
             "attempts": info.get("attempts", 0),
@@ -124,6 +170,11 @@ def collect(experiment_dir: str | Path) -> list[dict]:
         row.update(summarize_metrics(read_metrics(run_dir)))
         if row["status"] == OK and row["final_val_loss"] is None:
             row["status"], row["error"] = ERROR, "finished without any validation loss logged"
+        if not any(trial["axes"].values()) and row["val_loss_after_realize"] is None:
+            # A dense model (baseline, frontier point) has nothing to realize: all three metric
+            # points are its final loss. An approximated variant without a finish has no measured
+            # realized loss (realizing compressed attention is not exact), so it stays empty.
+            row["val_loss_after_realize"] = row["final_val_loss"]
         rows.append(row)
     return rows
 
@@ -157,10 +208,11 @@ def read_csv(path: str | Path) -> list[dict]:
     with Path(path).open(newline="") as f:
         for raw in csv.DictReader(f):
             row = {"variant": raw["variant"], "seed": int(raw["seed"]), "status": raw["status"],
-                   "baseline": raw["baseline"] == "1", "run_dir": raw["run_dir"],
+                   "baseline": raw["baseline"] == "1", "budget": float(raw.get("budget") or 1.0),
+                   "run_dir": raw["run_dir"],
                    "error": raw["error"], "attempts": int(raw["attempts"] or 0),
                    "axes": {k.removeprefix("axis."): v == "1" for k, v in raw.items()
                             if k.startswith("axis.")}}
-            row.update({k: float(raw[k]) if raw[k] != "" else None for k in NUMERIC})
+            row.update({k: float(raw[k]) if raw.get(k) else None for k in NUMERIC})
             rows.append(row)
     return rows
