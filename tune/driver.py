@@ -27,6 +27,7 @@ from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from common import format_validation_error
 from distributed.config import ConfigError, apply_overrides, read_yaml
 from tune.trainable import DRIVER_RESOURCES, TRAIN_ENV, TRAIN_FN
 
@@ -87,14 +88,12 @@ def load_strict(model: type[M], path: str | Path, overrides: list[str] | None = 
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for e in exc.errors():
-            where = ".".join(f'"{p}"' if "." in str(p) else str(p) for p in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            value = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") \
-                and not isinstance(e.get("input"), dict) else ""
-            lines.append(f"{path}: {where}: {msg}{value}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(exc, str(path), key_path=quoted_key_path)) from None
+
+
+def quoted_key_path(loc: tuple) -> str:
+    """A pydantic location as the override syntax writes it: segments holding dots in quotes."""
+    return ".".join(f'"{p}"' if "." in str(p) else str(p) for p in loc)
 
 
 def start_ray(address: str | None, worker_logs: bool) -> None:
