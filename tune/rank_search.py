@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -149,7 +149,7 @@ def log_grid(low: int, high: int, points: int) -> list[int]:
 class SiteSpec(_Strict):
     kind: str
     fixed: dict[str, int] = {}        # the kind's other settings (compressed: chunk, window)
-    ranks: list[int] | None = None    # an explicit grid; None: the log grid below break-even
+    ranks: list[Annotated[int, Field(ge=1)]] | None = None   # an explicit grid; None: log grid below break-even
     low: int | None = Field(default=None, ge=1)   # this site's smallest grid value (default grid.low)
 
     @field_validator("kind")
