@@ -121,7 +121,7 @@ def test_command_on_a_dense_run(tmp_path, capsys):
     from tune.rank_search import load_rank_search
 
     config = load_rank_search("configs/rank_search/tiny.yaml")
-    evens = {"attn_qkv": 5, "attn_proj": 5, "mlp_fc": 20, "mlp_proj": 20, "attention": 9}
+    evens = {"attn_qkv": 5, "attn_proj": 5, "mlp_fc": 20, "mlp_proj": 20, "attention": 5}
     grids, advice = rank_advisor.advise_sweep(run, config, SimpleNamespace(break_even=evens))
     assert set(grids) == {"attn_qkv", "attn_proj", "mlp_fc", "mlp_proj"}   # attention: no weight
     for site, grid in grids.items():

@@ -163,11 +163,11 @@ def load_run(run_dir: str | Path):
     from distributed.train import apply_stage, initial_model
 
     run_dir = Path(run_dir)
+    model, _ = load_final(run_dir)   # first: it names what is wrong with a path that is no export
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} does not exist: give a run directory "
                                 "(the trainer's out_dir), not its final/ folder")
     cfg = load_config(run_dir / "config.yaml")
-    model, _ = load_final(run_dir)
     plan = build_plan(cfg)
     init = initial_model(cfg, plan)
     for stage in plan[1:]:        # blocks grown later are seeded by their index, not by time
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         ranks = sorted({int(r) for r in args.ranks.split(",")})
-        if not 0 < args.share <= 1 or ranks[0] < 1:
-            raise ValueError(f"--share {args.share} must be in (0, 1] and --ranks >= 1")
+        if ranks[0] < 1:
+            raise ValueError(f"--ranks {args.ranks}: every rank must be >= 1")
         model, init, cfg = load_run(args.path)
         weights = update_ranks(model.state_dict(), init.state_dict(), args.share)
         batches = validation_sample(cfg)
