@@ -14,7 +14,8 @@ import yaml
 
 from distributed.config import ConfigError, apply_overrides, load_config
 from tune import rank_search as rs
-from tune.allocation import DenseFrontier, Option, allocate, lower_hull, mean_ci
+from tune.allocation import Option, allocate, lower_hull, mean_ci
+from tune.frontier import compute_multiplier, frontier_of_means
 from tune.results import OK, TRIAL_JSON, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,11 +168,14 @@ def test_lower_hull_drops_dominated_and_concave_points():
 
 
 def test_dense_frontier_multiplier():
-    f = DenseFrontier.from_points([(1e9, 3.0), (2e9, 2.5), (4e9, 2.2)])
-    assert f.compute_multiplier(2.5, 1e9) == pytest.approx(2.0)
-    assert f.compute_multiplier(2.2, 4e9) == pytest.approx(1.0)
-    assert f.flops_for(2.0) is None and f.flops_for(3.5) is None      # outside: no extrapolation
-    assert 2e9 < f.flops_for(2.3) < 4e9
+    # the ablation report's frontier (tune/frontier.py), built from the search's mean losses
+    f = frontier_of_means({"dense@0.25": (1e9, 3.0), "dense@0.5": (2e9, 2.5), "dense": (4e9, 2.2)})
+    assert compute_multiplier(f, 2.5, 1e9) == pytest.approx(2.0)
+    assert compute_multiplier(f, 2.2, 4e9) == pytest.approx(1.0)
+    # outside the frontier's losses: no extrapolation
+    assert compute_multiplier(f, 2.0, 1e9) is None and compute_multiplier(f, 3.5, 1e9) is None
+    assert 2.0 < compute_multiplier(f, 2.3, 1e9) < 4.0
+    assert frontier_of_means({"dense": (4e9, 2.2)}) is None          # one point is no frontier
     mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and lo < 2.0 < hi and hi - 2.0 == pytest.approx(4.303 * 1 / 3 ** 0.5, rel=1e-3)
     assert mean_ci([1.0]) == (1.0, None, None)
@@ -259,7 +263,7 @@ def test_rank_search_on_ray_then_best_yaml_trains(tmp_path):
              "train.micro_batch_size=4, train.max_steps=12, train.warmup_steps=2, "
              "train.eval_interval=4, data.val_tokens=1024, deepspeed.zero_stage=0, wandb.enabled=false]",
              "sites={mlp_fc: {kind: lowrank, ranks: [4]}}", "seeds=[1]",
-             "frontier.fractions=[]", "allocation.budgets=[0.9]", "allocation.seeds=[1]",
+             "frontier.budgets=[]", "allocation.budgets=[0.9]", "allocation.seeds=[1]",
              "resources.max_concurrent_trials=2"]
     result = subprocess.run([sys.executable, "-m", "tune.rank_search", "--config", str(TINY),
                              "--out-dir", str(out), *micro],

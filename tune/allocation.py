@@ -1,5 +1,6 @@
-"""Pure functions behind the rank search's answers: seed statistics, the dense frontier, and the
-budgeted allocation of ranks across approximation sites.
+"""Pure functions behind the rank search's answers: seed statistics and the budgeted allocation of
+ranks across approximation sites (the dense frontier is tune/frontier.py's, shared with the ablation
+report).
 
 The allocation problem: every site s has options o = (knob, cost delta c_o, loss delta d_o) measured
 by its sweep (site alone, everything else dense; dense itself is the option (None, 0, 0)). Assuming
@@ -100,49 +101,3 @@ def allocate(curves: dict[str, list[Option]], budget_delta: float) -> dict[str, 
         if best is None:
             return chosen
         chosen[best[1]] = best[2]
-
-
-@dataclass(frozen=True)
-class DenseFrontier:
-    """The dense model's loss as a function of training FLOPs, from dense runs at several budgets
-    (mean over seeds at each), interpolated linearly in log FLOPs.
-
-    TODO(report): branch `report` builds tune/frontier.py, the frontier the ablation report uses
-    (trials named `dense@<fraction>`); when it is on main, build this from that module so the
-    rank search and the ablation report compute multipliers the same way."""
-
-    flops: tuple[float, ...]   # increasing
-    loss: tuple[float, ...]    # mean loss at each
-
-    @classmethod
-    def from_points(cls, points: list[tuple[float, float]]) -> "DenseFrontier | None":
-        pts = sorted((f, l) for f, l in points if f and math.isfinite(f) and math.isfinite(l))
-        if len(pts) < 2:
-            return None
-        return cls(tuple(p[0] for p in pts), tuple(p[1] for p in pts))
-
-    def loss_at(self, flops: float) -> float | None:
-        x = np.log(self.flops)
-        if not x[0] <= math.log(flops) <= x[-1]:
-            return None
-        return float(np.interp(math.log(flops), x, self.loss))
-
-    def flops_for(self, loss: float) -> float | None:
-        """FLOPs the dense model needs to reach `loss`; None outside the measured range (no
-        extrapolation). Loss is made non-increasing in FLOPs (a noisy uptick is flattened)."""
-        best = np.minimum.accumulate(np.array(self.loss))
-        if not best[-1] <= loss <= best[0]:
-            return None
-        # first segment whose end reaches the loss
-        for i in range(1, len(best)):
-            if best[i] <= loss:
-                lo, hi = best[i - 1], best[i]
-                t = 0.0 if lo == hi else (lo - loss) / (lo - hi)
-                return float(math.exp(math.log(self.flops[i - 1])
-                                      + t * (math.log(self.flops[i]) - math.log(self.flops[i - 1]))))
-        return float(self.flops[0])
-
-    def compute_multiplier(self, loss: float, flops: float) -> float | None:
-        """Dense FLOPs to reach `loss` / `flops`: > 1 means the approximated run pays off."""
-        needed = self.flops_for(loss)
-        return None if needed is None else needed / flops

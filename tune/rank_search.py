@@ -9,7 +9,7 @@ Three questions, answered in order (README, "Choosing ranks"):
    the rest of the model dense, at each rank of a log grid strictly below the site's FLOPs
    break-even (the smallest rank at which the approximated model costs as many training FLOPs as the
    dense one, by model/accounting.py), for every seed. Beside them the dense model trains at the full
-   budget and at `frontier.fractions` of its steps (each with its own complete LR schedule): the
+   budget and at `frontier.budgets` of its steps (each with its own complete LR schedule): the
    dense frontier every loss is judged against. Output: sweep.csv, sweep_<site>.png.
 2. **Allocation** -- for a FLOPs budget (a fraction of dense), which rank for each site? From the
    sweep's curves, the ranks minimising the predicted loss within the budget (tune/allocation.py:
@@ -44,7 +44,9 @@ from common import StrictModel as _Strict
 from distributed.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml, \
     validate_config
 from model.config import SITES, GPTConfig
-from tune.allocation import DenseFrontier, Option, allocate, mean_ci
+from tune.allocation import Option, allocate, mean_ci
+from tune.frontier import (Frontier, FrontierSpec, compute_multiplier, frontier_name,
+                           frontier_of_means, scaled_train_overrides)
 from tune.driver import RAY_TRAIN_DIR, TrialSpec, fingerprint, load_strict, parser, run_grid, \
     start_ray
 from tune.driver import overrides as cli_overrides
@@ -166,18 +168,6 @@ class GridSpec(_Strict):
     top: float = Field(default=0.75, gt=0.0, lt=1.0)  # largest value, as a share of the break-even
 
 
-class FrontierSpec(_Strict):
-    # The dense model at these fractions of the full step budget (plus the full budget itself).
-    fractions: list[float] = [0.4, 0.6, 0.8]
-
-    @field_validator("fractions")
-    @classmethod
-    def _in_range(cls, v: list[float]) -> list[float]:
-        if any(not 0 < f < 1 for f in v):
-            raise ValueError(f"fractions {v}: each must be in (0, 1)")
-        return sorted(set(v))
-
-
 class AllocationSpec(_Strict):
     budgets: list[float] = [0.4, 0.6, 0.8]   # training FLOPs as fractions of the dense model's
     seeds: list[int] = Field(default=[1337, 1338, 1339], min_length=1)
@@ -265,13 +255,12 @@ def experiment_for(base: dict, *, seed: int, name: str, run_dir: str | Path,
                    approx: dict | None = None, steps_fraction: float = 1.0) -> ExperimentConfig:
     raw = apply_overrides(base, [f"seed={seed}"])
     raw["name"], raw["approx"] = name, dict(approx or {})
-    if steps_fraction != 1.0:   # a dense frontier point: its own complete, shorter schedule
-        train = raw.setdefault("train", {})
-        steps = max(1, round(steps_fraction * train.get("max_steps", 1000)))
-        train["max_steps"] = steps
-        train["warmup_steps"] = min(train.get("warmup_steps", 0), steps)
     raw["out_dir"] = str(run_dir)
-    return validate_config(raw, source=f"rank-search trial {name}")
+    source = f"rank-search trial {name}"
+    if steps_fraction != 1.0:   # a dense frontier point, scaled as the ablation's (tune/frontier.py)
+        full = validate_config(raw, source=source)
+        raw = apply_overrides(raw, scaled_train_overrides(full.train, steps_fraction, source))
+    return validate_config(raw, source=source)
 
 
 def estimated_training_flops(cfg: ExperimentConfig, world_size: int) -> float:
@@ -330,8 +319,9 @@ def sweep_plan(config: RankSearchConfig, experiment_dir: Path, train_fn: str = T
     model = experiment_for(base, seed=0, name="probe", run_dir="unused").model
     evens, grids, specs = {}, {}, []
     for seed in config.seeds:
-        for fraction in (*config.frontier.fractions, 1.0):
-            name = f"{DENSE}_s{seed}" if fraction == 1.0 else f"{DENSE}@{fraction:g}_s{seed}"
+        for fraction in (*config.frontier.budgets, 1.0):
+            variant = DENSE if fraction == 1.0 else frontier_name(DENSE, fraction)
+            name = f"{variant}_s{seed}"
             cfg = experiment_for(base, seed=seed, name=name, run_dir=experiment_dir / TRIALS / name,
                                  steps_fraction=fraction)
             specs.append(_spec(config, experiment_dir, cfg, name,
@@ -393,9 +383,10 @@ def _ok(rows: list[dict], metric: str) -> list[dict]:
             and r["training_flops"] is not None]
 
 
-def frontier_of(rows: list[dict], metric: str) -> tuple[DenseFrontier | None, list[dict]]:
-    """The dense frontier from this search's own dense runs (see DenseFrontier's TODO) and its
-    points: one per fraction, mean and CI over seeds."""
+def frontier_of(rows: list[dict], metric: str) -> tuple[Frontier | None, list[dict]]:
+    """The dense frontier from this search's own dense runs, defined as the ablation report's
+    (tune/frontier.py: mean loss per budget, interpolated in log FLOPs), and its points: one per
+    fraction, mean and CI over seeds."""
     points = []
     dense = [r for r in _ok(rows, metric) if r["role"] == "frontier"]
     for fraction in sorted({r["fraction"] for r in dense}):
@@ -404,7 +395,8 @@ def frontier_of(rows: list[dict], metric: str) -> tuple[DenseFrontier | None, li
         flops = sum(r["training_flops"] for r in group) / len(group)
         points.append({"fraction": fraction, "flops": flops, "loss": mean, "ci": [lo, hi],
                        "n": len(group)})
-    return DenseFrontier.from_points([(p["flops"], p["loss"]) for p in points]), points
+    return frontier_of_means({frontier_name(DENSE, p["fraction"]): (p["flops"], p["loss"])
+                              for p in points}), points
 
 
 def curves_of(rows: list[dict], metric: str) -> dict[str, list[dict]]:
@@ -486,7 +478,7 @@ def allocation_specs(config: RankSearchConfig, experiment_dir: Path, allocations
 
 
 def summarize_allocations(allocations: dict[str, dict], rows: list[dict], metric: str,
-                          frontier: DenseFrontier | None) -> dict[str, dict]:
+                          frontier: Frontier | None) -> dict[str, dict]:
     """ranks.json: per budget, the ranks, the measured loss with its CI and the compute multiplier
     against the dense frontier (None outside it)."""
     ok = _ok(rows, metric)
@@ -498,9 +490,9 @@ def summarize_allocations(allocations: dict[str, dict], rows: list[dict], metric
         group = [r for r in ok if r["role"] == "allocation" and r["fraction"] == alloc["budget"]]
         mean, lo, hi = mean_ci([_loss(r, metric) for r in group])
         flops = sum(r["training_flops"] for r in group) / len(group) if group else None
-        mult = frontier.compute_multiplier(mean, flops) if frontier and group else None
-        mult_ci = [frontier.compute_multiplier(hi, flops) if hi is not None else None,
-                   frontier.compute_multiplier(lo, flops) if lo is not None else None] \
+        mult = compute_multiplier(frontier, mean, flops) if frontier and group else None
+        mult_ci = [compute_multiplier(frontier, hi, flops) if hi is not None else None,
+                   compute_multiplier(frontier, lo, flops) if lo is not None else None] \
             if frontier and group else [None, None]
         out[key] = {**alloc["ranks"], "loss": mean if group else None, "ci": [lo, hi],
                     "compute_multiplier": mult, "compute_multiplier_ci": mult_ci,
@@ -705,7 +697,7 @@ def run_rank_search(config: RankSearchConfig, experiment_dir: Path, *, address: 
 class Sweep:
     rows: list[dict]
     curves: dict[str, list[dict]]
-    frontier: DenseFrontier | None
+    frontier: Frontier | None
     frontier_points: list[dict]
 
 
