@@ -225,16 +225,44 @@ class ExperimentConfig(_Strict):
         return raw
 
 
+def split_key_path(key: str, item: str | None = None) -> list[str]:
+    """Split a dotted key path. A segment in double quotes is one key even when it holds dots, so
+    maps keyed by dotted names can be addressed: `space."approx.mlp_fc.rank".high=64` is
+    ["space", "approx.mlp_fc.rank", "high"]. (No segment may contain `=`: the first one ends the key.)"""
+    where = f"override {item!r}" if item is not None else f"key {key!r}"
+    parts, i = [], 0
+    while True:
+        if key.startswith('"', i):
+            end = key.find('"', i + 1)
+            if end < 0:
+                raise ConfigError(f"{where}: unclosed quote in {key!r}")
+            part, i = key[i + 1:end], end + 1
+            if i < len(key) and key[i] != ".":
+                raise ConfigError(f"{where}: a quoted segment must be followed by '.' or '=' "
+                                  f"in {key!r}")
+        else:
+            end = key.find(".", i)
+            end = len(key) if end < 0 else end
+            part, i = key[i:end], end
+            if '"' in part:
+                raise ConfigError(f"{where}: a quote may only open a whole segment in {key!r}")
+        if not part:
+            raise ConfigError(f"{where}: empty key segment in {key!r}")
+        parts.append(part)
+        if i >= len(key):
+            return parts
+        i += 1  # the dot
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply dotted `key=value` strings; values are parsed as YAML (`32`, `true`, `{kind: dense}`)."""
+    """Apply dotted `key=value` strings; values are parsed as YAML (`32`, `true`, `{kind: dense}`).
+    Quote a segment that contains dots: `space."approx.mlp_fc.rank".high=64`."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, _, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+        parts = split_key_path(key.strip(), item)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:

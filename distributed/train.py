@@ -98,6 +98,16 @@ def apply_stage(model: GPT, stage: Stage, seed: int) -> None:
         model.freeze_embeddings()
 
 
+def initial_model(cfg: ExperimentConfig, plan: list[Stage]) -> GPT:
+    """The model as a fresh run starts: a function of the config's seed alone, so its initial
+    weights can be regenerated after training (the rank advisor analyses W - W0)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg.model, n_initial_layers=plan[0].n_blocks)
+    apply_stage(model, plan[0], cfg.seed)
+    return model
+
+
 class Trainer:
     """State of one run on one rank; `run()` below is the public entry point."""
 
@@ -158,10 +168,7 @@ class Trainer:
             ckpt.load_checkpoint(self.engine, self.run_dir, tag)
             self.last_checkpoint = ckpt.checkpoint_root(self.run_dir) / tag
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                model = GPT(cfg.model, n_initial_layers=self.plan[0].n_blocks)
-            apply_stage(model, self.plan[0], cfg.seed)
+            model = initial_model(cfg, self.plan)
             self._build(model, realized=self.plan[0].realize, stage=self.plan[0])
             # The training streams (dropout, ...) differ per rank and are saved with every checkpoint.
             torch.manual_seed(cfg.seed + 1 + self.rank)

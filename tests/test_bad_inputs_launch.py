@@ -61,8 +61,8 @@ def _final_export(tmp: Path, config: dict | None, weights: bytes) -> str:
     return str(tmp / "run")
 
 
-def _space(raw: dict, key: str, spec: dict) -> None:
-    raw["space"][key] = spec
+def _site(raw: dict, site: str, **fields) -> None:
+    raw["sites"][site].update(fields)
 
 
 @dataclass
@@ -97,18 +97,15 @@ ROWS = [
         ("bad.yaml", "not valid YAML")),
     Row("rank-search-unknown-key", "tune.rank_search",
         lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: r.update(serach={}))], ("serach",)),
-    Row("rank-search-log-with-zero-low", "tune.rank_search",
-        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _space(
-            r, "train.learning_rate", {"type": "float", "low": 0.0, "high": 0.01, "log": True}))],
-        ("train.learning_rate", "log: true needs low > 0", "low=0.0")),
-    Row("rank-search-low-above-high", "tune.rank_search",
-        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _space(
-            r, "approx.mlp_fc.rank", {"type": "int", "low": 64, "high": 8}))],
-        ("approx.mlp_fc.rank", "low=64", "high=8")),
-    Row("rank-search-rank-zero-corner", "tune.rank_search",
-        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _space(
-            r, "approx.mlp_fc.rank", {"type": "int", "low": 0, "high": 8}))],
-        ("approx.mlp_fc.rank", "0")),
+    Row("rank-search-low-zero", "tune.rank_search",
+        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _site(r, "mlp_fc", low=0))],
+        ("sites.mlp_fc.low", "0")),
+    Row("rank-search-grid-above-break-even", "tune.rank_search",
+        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _site(r, "mlp_fc", ranks=[4, 200]))],
+        ("sites.mlp_fc", "200", "break-even 103")),
+    Row("rank-search-rank-zero", "tune.rank_search",
+        lambda t: ["--config", _yaml(t, RANK_SEARCH, lambda r: _site(r, "mlp_fc", ranks=[0, 8]))],
+        ("sites.mlp_fc.ranks", "0")),
     Row("rank-search-missing-ablation", "tune.rank_search",
         lambda t: ["--config", str(RANK_SEARCH), "--from-ablation", str(t / "no-ablation")],
         ("no-ablation",)),
@@ -160,11 +157,10 @@ ROWS = [
     Row("sbatch-bad-ablation", "slurm_ray.sbatch",
         lambda t: ["--gpus-per-node", "8", "--config", _yaml(t, ABLATION, lambda r: r.update(seedz=[1]))],
         ("seedz",)),
-    Row("sbatch-rank-search-log-zero", "slurm_ray.sbatch",
+    Row("sbatch-rank-search-above-break-even", "slurm_ray.sbatch",
         lambda t: ["--gpus-per-node", "8", "--job", "rank-search", "--config", _yaml(
-            t, RANK_SEARCH, lambda r: _space(
-                r, "train.learning_rate", {"type": "float", "low": 0.0, "high": 0.01, "log": True}))],
-        ("log: true needs low > 0",)),
+            t, RANK_SEARCH, lambda r: _site(r, "mlp_fc", ranks=[4, 200]))],
+        ("sites.mlp_fc", "break-even 103")),
 ]
 
 

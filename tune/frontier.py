@@ -101,14 +101,28 @@ class Frontier:
         return None, "below"
 
 
+def frontier_of_means(points: dict[str, tuple[float, float]]) -> Frontier | None:
+    """The frontier through dense points {name: (FLOPs, mean loss)}: None unless at least two
+    have distinct positive FLOPs (and no two share FLOPs)."""
+    pts = sorted((x, n, loss) for n, (x, loss) in points.items()
+                 if x and x > 0 and loss is not None and math.isfinite(loss))
+    if len({x for x, _, _ in pts}) < 2 or len({x for x, _, _ in pts}) != len(pts):
+        return None
+    return Frontier([n for _, n, _ in pts], np.log([x for x, _, _ in pts]),
+                    np.array([loss for _, _, loss in pts]))
+
+
 def build_frontier(layout: Layout, flops: dict[str, float], names: list[str]) -> Frontier | None:
     """The frontier from the dense points that finished (at least two distinct FLOPs needed)."""
     mu = layout.mu
-    points = sorted((flops[n], n) for n in names if n in mu and flops.get(n) and flops[n] > 0)
-    if len({x for x, _ in points}) < 2 or len(set(x for x, _ in points)) != len(points):
-        return None
-    return Frontier([n for _, n in points], np.log([x for x, _ in points]),
-                    np.array([mu[n] for _, n in points]))
+    return frontier_of_means({n: (flops[n], mu[n]) for n in names if n in mu and flops.get(n)})
+
+
+def compute_multiplier(frontier: Frontier, loss: float, x: float) -> float | None:
+    """FLOPs the dense frontier needs to reach `loss`, divided by `x` (> 1: the run at FLOPs x
+    pays off); None outside the frontier's loss range (no extrapolation)."""
+    reached, _ = frontier.reach(loss)
+    return None if reached is None else reached / x
 
 
 @dataclass

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from common import StrictModel as _Strict
-from common import format_validation_error
 from distributed.config import (ConfigError, ExperimentConfig, apply_overrides, read_yaml,
                                 validate_config)
 from tune.frontier import FrontierSpec, frontier_name, scaled_train_overrides
@@ -147,11 +146,9 @@ class Grid:
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
     """Read an ablation YAML (plus dotted overrides of its own keys, e.g. `seeds=[0,1]`)."""
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
-    try:
-        return AblationConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+    from tune.driver import load_strict
+
+    return load_strict(AblationConfig, path, overrides)
 
 
 def variant_name(config: AblationConfig, axes: dict[str, bool]) -> str:

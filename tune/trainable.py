@@ -48,10 +48,13 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tune.results import ERROR, METRICS, OK, RUNNING, TRIAL_JSON, read_json, read_metrics, \
     summarize_metrics, write_json_atomic
+
+if TYPE_CHECKING:
+    from tune.driver import TrialSpec
 
 TRAIN_FN = "distributed.train:run"
 
@@ -160,22 +163,23 @@ def _update_trial_json(run_dir: Path, **fields: Any) -> dict:
     return info
 
 
-def trial_driver(config: dict, trial_configs: dict[str, dict]) -> None:
-    """The ablation's Tune function trainable. Tune's search space holds only the trial names (so the
-    progress table shows them); the full trial configs travel once, via tune.with_parameters."""
+def trial_driver(config: dict, trial_configs: dict[str, TrialSpec]) -> None:
+    """The Tune function trainable of a fixed list of trials (tune.driver.run_grid). Tune's search
+    space holds only the trial names (so the progress table shows them); the specs travel once, via
+    tune.with_parameters."""
     run_trial(trial_configs[config["trial"]])
 
 
-def run_trial(config: dict) -> None:
-    """Run one trial inside a Tune function trainable. `config` holds the trial's identity, its full
+def run_trial(spec: TrialSpec) -> None:
+    """Run one trial inside a Tune function trainable. `spec` holds the trial's identity, its full
     validated experiment config, run directory and resources, so nothing here reads YAML files."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.update(TRAIN_ENV)
-    trial, resources = config["trial"], config["resources"]
-    run_dir = Path(config["run_dir"])
+    trial, resources = spec.identity(), spec.resources
+    run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = read_json(run_dir / TRIAL_JSON) if (run_dir / TRIAL_JSON).is_file() else {}
     attempts = previous.get("attempts", 0) + 1
@@ -185,9 +189,8 @@ def run_trial(config: dict) -> None:
 
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"experiment": config["experiment"], "run_dir": str(run_dir),
-                           "train_fn": config.get("train_fn", TRAIN_FN),
-                           "stop_on_sigterm": StopOnSigterm()},
+        train_loop_config={"experiment": spec.experiment, "run_dir": str(run_dir),
+                           "train_fn": spec.train_fn, "stop_on_sigterm": StopOnSigterm()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers_per_trial"],
             use_gpu=resources["gpus_per_worker"] > 0,
@@ -196,9 +199,9 @@ def run_trial(config: dict) -> None:
         torch_config=TorchConfig(backend=_backend(resources)),
         run_config=ray.train.RunConfig(
             name=f"{trial['trial_name']}-attempt{attempts}",
-            storage_path=str(Path(config["ray_storage"])),
+            storage_path=str(Path(spec.ray_storage)),
             # A preempted node (drained) does not use up max_failures: Train counts it apart.
-            failure_config=ray.train.FailureConfig(max_failures=config["worker_restarts"]),
+            failure_config=ray.train.FailureConfig(max_failures=spec.worker_restarts),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     start = time.time()
