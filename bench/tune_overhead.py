@@ -30,7 +30,7 @@ OVERRIDES = [f"overrides=[train.max_steps={STEPS}, train.warmup_steps=2, train.e
              "deepspeed.zero_stage=0, wandb.enabled=false]"]
 # Every axis fixed but the low-rank MLP: the dense baseline + one variant, run concurrently.
 TWO_TRIALS = ["axes.abba_attn.fixed=false", "axes.compressed_attn.fixed=false", "axes.freeze.fixed=false",
-              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2"]
+              "axes.lowrank_mlp.fixed=true", "resources.max_concurrent_trials=2", "frontier.budgets=[]"]
 
 
 def run(ctx: Context) -> dict:

@@ -129,6 +129,9 @@ class DebugConfig(_Strict):
     kill_at_step: int | None = Field(default=None, ge=1)  # SIGKILL self after this step (+ its checkpoint)
     kill_rank: int = Field(default=0, ge=0)               # which rank kills itself
     nan_at_step: int | None = Field(default=None, ge=1)   # make this step's loss NaN on every rank
+    # sleep this long after every optimizer step, so that a test can interrupt a micro run mid-way
+    # on a fast machine as on a slow one
+    step_delay_s: float = Field(default=0.0, ge=0.0, le=60.0)
 
 
 class ExperimentConfig(_Strict):

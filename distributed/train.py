@@ -278,6 +278,8 @@ class Trainer:
                 stop = shared[1].item() > 0
             engine.backward(loss)
             engine.step()
+        if cfg.debug.step_delay_s:
+            time.sleep(cfg.debug.step_delay_s)
         self.step = number
         self.window_steps += 1
         self.tokens += self.tokens_per_step
