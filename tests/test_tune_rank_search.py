@@ -181,6 +181,25 @@ def test_dense_frontier_multiplier():
     assert mean_ci([1.0]) == (1.0, None, None)
 
 
+def test_allocation_outside_the_frontier_gets_a_bound_and_can_be_best():
+    f = frontier_of_means({"dense@0.25": (1e9, 3.0), "dense@0.5": (2e9, 2.5), "dense": (4e9, 2.2)})
+    assert rs.outside_frontier(f, 2.3, 1e9) == (None, None)          # inside: a multiplier exists
+    # below the full dense run's loss at 1.5e9 FLOPs: pays off by more than 4e9 / 1.5e9
+    assert rs.outside_frontier(f, 2.1, 1.5e9) == ("below", pytest.approx(4e9 / 1.5e9))
+    # above the cheapest dense point's loss at 2e9 FLOPs: pays off by less than 1e9 / 2e9
+    assert rs.outside_frontier(f, 3.1, 2e9) == ("above", pytest.approx(0.5))
+
+    def entry(loss, mult, outside=None, bound=None):
+        return {"loss": loss, "compute_multiplier": mult, "outside_frontier": outside,
+                "compute_multiplier_bound": bound}
+
+    # a lower bound above every point estimate wins; one below it does not; an upper bound never
+    assert rs.choose_best({"0.5": entry(2.4, 1.5), "0.65": entry(2.1, None, "below", 1.6)}) == "0.65"
+    assert rs.choose_best({"0.5": entry(2.4, 2.0), "0.65": entry(2.1, None, "below", 1.6)}) == "0.5"
+    assert rs.choose_best({"0.5": entry(3.2, None, "above", 0.9), "0.8": entry(2.3, 1.1)}) == "0.8"
+    assert rs.choose_best({"0.5": entry(3.2, None, "above", 0.9), "0.8": entry(3.1, None)}) == "0.8"
+
+
 def test_refinement_space_and_knee():
     from tune.rank_refine import knee, refine_space
 

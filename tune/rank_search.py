@@ -494,8 +494,10 @@ def summarize_allocations(allocations: dict[str, dict], rows: list[dict], metric
         mult_ci = [compute_multiplier(frontier, hi, flops) if hi is not None else None,
                    compute_multiplier(frontier, lo, flops) if lo is not None else None] \
             if frontier and group else [None, None]
+        outside, bound = outside_frontier(frontier, mean, flops) if frontier and group else (None, None)
         out[key] = {**alloc["ranks"], "loss": mean if group else None, "ci": [lo, hi],
                     "compute_multiplier": mult, "compute_multiplier_ci": mult_ci,
+                    "outside_frontier": outside, "compute_multiplier_bound": bound,
                     "n_seeds": len(group), "training_flops": flops,
                     "flops_fraction": alloc["estimated_flops"] / alloc["dense_flops"],
                     "fits_budget": alloc["fits"], "kinds": alloc["kinds"],
@@ -503,15 +505,34 @@ def summarize_allocations(allocations: dict[str, dict], rows: list[dict], metric
     return out
 
 
+def outside_frontier(frontier: Frontier, loss: float, flops: float) -> tuple[str | None, float | None]:
+    """Where a loss the frontier does not reach lies, and the bound that still holds for the
+    multiplier: "below" the frontier's best loss, the multiplier exceeds (largest dense FLOPs ÷
+    flops); "above" its worst, it is under (smallest dense FLOPs ÷ flops). (None, None) inside."""
+    reached, outside = frontier.reach(loss)
+    if reached is not None or outside is None:
+        return None, None
+    edge = math.exp(frontier.log_x[-1] if outside == "below" else frontier.log_x[0])
+    return outside, edge / flops
+
+
+def _payoff(entry: dict) -> float | None:
+    """The multiplier, or for an allocation below the frontier's best loss its lower bound."""
+    if entry.get("compute_multiplier") is not None:
+        return entry["compute_multiplier"]
+    return entry.get("compute_multiplier_bound") if entry.get("outside_frontier") == "below" else None
+
+
 def choose_best(summary: dict[str, dict]) -> str | None:
-    """The budget whose allocation pays off most against the dense frontier (highest compute
-    multiplier); without a multiplier anywhere, the lowest measured loss."""
+    """The budget whose allocation pays off most against the dense frontier: the highest compute
+    multiplier, where an allocation that beats the whole frontier counts with its lower bound;
+    without either anywhere, the lowest measured loss."""
     done = {k: v for k, v in summary.items() if v.get("loss") is not None and not math.isnan(v["loss"])}
     if not done:
         return None
-    with_mult = {k: v for k, v in done.items() if v["compute_multiplier"] is not None}
-    if with_mult:
-        return max(with_mult, key=lambda k: with_mult[k]["compute_multiplier"])
+    with_payoff = {k: _payoff(v) for k, v in done.items() if _payoff(v) is not None}
+    if with_payoff:
+        return max(with_payoff, key=with_payoff.get)
     return min(done, key=lambda k: done[k]["loss"])
 
 
@@ -547,8 +568,9 @@ def ranks_markdown(config: RankSearchConfig, plan: Plan, curves: dict[str, list[
              "## Allocations", "",
              "Ranks chosen from the sweep curves to minimise the predicted loss within each FLOPs "
              "budget, then trained and measured. Compute multiplier: training FLOPs the dense "
-             "frontier needs for the same loss ÷ the allocation's (> 1: it pays off; — outside the "
-             "frontier).", "",
+             "frontier needs for the same loss ÷ the allocation's (> 1: it pays off). Outside the "
+             "frontier only a bound holds: a loss below the full dense run's gives '> b', one above "
+             "the cheapest dense point's '< b'.", "",
              "| budget | " + " | ".join(sites) + " | FLOPs (of dense) | loss | 95% CI | compute multiplier |",
              "|---" * (len(sites) + 5) + "|"]
     for key, s in summary.items():
@@ -561,9 +583,14 @@ def ranks_markdown(config: RankSearchConfig, plan: Plan, curves: dict[str, list[
         lo, hi = s["ci"]
         mlo, mhi = s["compute_multiplier_ci"]
         mark = " **(best.yaml)**" if key == best else ""
+        if s["compute_multiplier"] is None and s.get("outside_frontier"):
+            sign, where = (">", "beats the full dense run") if s["outside_frontier"] == "below" \
+                else ("<", "worse than the cheapest dense point")
+            multiplier = f"{sign} {s['compute_multiplier_bound']:.2f} ({where})"
+        else:
+            multiplier = f"{_fmt(s['compute_multiplier'], '.2f')} [{_fmt(mlo, '.2f')}, {_fmt(mhi, '.2f')}]"
         lines.append(f"| {float(key):.0%}{mark} | {ranks} | {s['flops_fraction']:.2f} | "
-                     f"{_fmt(s['loss'])} | [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(s['compute_multiplier'], '.2f')} "
-                     f"[{_fmt(mlo, '.2f')}, {_fmt(mhi, '.2f')}] |")
+                     f"{_fmt(s['loss'])} | [{_fmt(lo)}, {_fmt(hi)}] | {multiplier} |")
     lines += ["", "## Dense frontier", "", "| fraction of steps | training FLOPs | loss | 95% CI |",
               "|---|---|---|---|"]
     for p in frontier_points:
