@@ -125,6 +125,18 @@ def compute_multiplier(frontier: Frontier, loss: float, x: float) -> float | Non
     return None if reached is None else reached / x
 
 
+def outside_frontier(frontier: Frontier, loss: float, x: float) -> tuple[str | None, float | None]:
+    """Where a loss the frontier does not reach lies, and the bound that still holds for the
+    multiplier of a run at FLOPs x: "below" the frontier's best loss, the multiplier exceeds
+    (largest dense FLOPs ÷ x); "above" its worst, it is under (smallest dense FLOPs ÷ x).
+    (None, None) when the frontier reaches the loss."""
+    reached, outside = frontier.reach(loss)
+    if reached is not None:
+        return None, None
+    edge = math.exp(frontier.log_x[-1] if outside == "below" else frontier.log_x[0])
+    return outside, edge / x
+
+
 @dataclass
 class FrontierPoint:
     flops: float
@@ -187,11 +199,10 @@ def compare(layout: Layout, frontier: Frontier | None, variant: str, x: float) -
         w[variant] = w.get(variant, 0.0) - 1.0
         gap = contrast(layout, {n: -v for n, v in w.items()})
         frontier_loss = float(sum(v * layout.mu[n] for n, v in weights.items()))
-    reached, outside = frontier.reach(loss)
-    if reached is None:
-        edge = math.exp(frontier.log_x[0] if outside == "above" else frontier.log_x[-1])
-        return FrontierPoint(x, loss, frontier_loss, gap, None, (None, None), outside, edge / x)
-    return FrontierPoint(x, loss, frontier_loss, gap, reached / x,
+    outside, bound = outside_frontier(frontier, loss, x)
+    if outside is not None:
+        return FrontierPoint(x, loss, frontier_loss, gap, None, (None, None), outside, bound)
+    return FrontierPoint(x, loss, frontier_loss, gap, compute_multiplier(frontier, loss, x),
                          _confidence_set(layout, frontier, variant, x), None)
 
 

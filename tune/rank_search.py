@@ -46,7 +46,7 @@ from distributed.config import ConfigError, ExperimentConfig, apply_overrides, r
 from model.config import SITES, GPTConfig
 from tune.allocation import Option, allocate, mean_ci
 from tune.frontier import (Frontier, FrontierSpec, compute_multiplier, frontier_name,
-                           frontier_of_means, scaled_train_overrides)
+                           frontier_of_means, outside_frontier, scaled_train_overrides)
 from tune.driver import RAY_TRAIN_DIR, TrialSpec, fingerprint, load_strict, parser, run_grid, \
     start_ray
 from tune.driver import overrides as cli_overrides
@@ -503,17 +503,6 @@ def summarize_allocations(allocations: dict[str, dict], rows: list[dict], metric
                     "fits_budget": alloc["fits"], "kinds": alloc["kinds"],
                     "predicted_loss_delta": alloc["predicted_loss_delta"]}
     return out
-
-
-def outside_frontier(frontier: Frontier, loss: float, flops: float) -> tuple[str | None, float | None]:
-    """Where a loss the frontier does not reach lies, and the bound that still holds for the
-    multiplier: "below" the frontier's best loss, the multiplier exceeds (largest dense FLOPs ÷
-    flops); "above" its worst, it is under (smallest dense FLOPs ÷ flops). (None, None) inside."""
-    reached, outside = frontier.reach(loss)
-    if reached is not None or outside is None:
-        return None, None
-    edge = math.exp(frontier.log_x[-1] if outside == "below" else frontier.log_x[0])
-    return outside, edge / flops
 
 
 def _payoff(entry: dict) -> float | None:
